@@ -41,20 +41,23 @@ def _is_host(path: Path) -> bool:
 
 
 def find_host(explicit: str | os.PathLike | None = None) -> Path:
-    """Locate a ComfyUI folder: `explicit`, else $Z2I_COMFYUI, else the one `tools/setup.sh` made."""
-    tried = []
-    for cand, why in ((explicit, "given"), (os.environ.get("Z2I_COMFYUI"), "$Z2I_COMFYUI"),
-                      (DEFAULT_HOST, "made by the setup script")):
-        if not cand:
-            continue
-        p = Path(cand).expanduser().resolve()
-        if _is_host(p):
-            return p
-        tried.append(f"{p} ({why})")
+    """Locate a ComfyUI folder: `explicit` if given, else $Z2I_COMFYUI if set, else the one setup made.
+
+    A folder that was named (argument or environment) and is not a ComfyUI is an error, never a fallback.
+    """
+    if explicit:
+        cand, why = explicit, "given with --comfyui"
+    elif os.environ.get("Z2I_COMFYUI"):
+        cand, why = os.environ["Z2I_COMFYUI"], "from $Z2I_COMFYUI"
+    else:
+        cand, why = DEFAULT_HOST, "where the setup script puts it"
+    path = Path(cand).expanduser().resolve()
+    if _is_host(path):
+        return path
     raise HostMissing(
-        "No ComfyUI host found; looked in: " + ", ".join(tried) + ". "
-        f"Run `{SETUP_COMMAND}` in the Z2I repository to install the embedded ComfyUI 0.3.75 and the tiny "
-        "test models, or point Z2I_COMFYUI (or --comfyui) at an existing ComfyUI folder.")
+        f"No ComfyUI host at {path} ({why}). Run `{SETUP_COMMAND}` in the Z2I repository to install the "
+        "embedded ComfyUI 0.3.75 and the tiny test models there, or point Z2I_COMFYUI (or --comfyui) at an "
+        "existing ComfyUI folder that has this pack in custom_nodes/z2i.")
 
 
 _booted_host: Path | None = None
@@ -163,11 +166,20 @@ class Host:
     def node_classes(self) -> dict[str, type]:
         return self._nodes.NODE_CLASS_MAPPINGS
 
-    def input_types(self, class_type: str) -> dict:
+    def node_info(self, class_type: str) -> dict:
+        """The node's /object_info entry (input, input_order, output, output_name, ...), as the server gives it."""
         cls = self.node_classes.get(class_type)
         if cls is None:
             raise KeyError(class_type)
-        return cls.INPUT_TYPES()
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            return cls.GET_NODE_INFO_V1()
+        outputs = list(cls.RETURN_TYPES)
+        return {"input": cls.INPUT_TYPES(), "output": outputs,
+                "output_name": list(getattr(cls, "RETURN_NAMES", outputs)),
+                "output_node": bool(getattr(cls, "OUTPUT_NODE", False)), "name": class_type}
+
+    def input_types(self, class_type: str) -> dict:
+        return self.node_info(class_type)["input"]
 
     # -- running -------------------------------------------------------------------------------------------
     def run_prompt(self, prompt: dict, targets: Iterable[str] | None = None, fresh_cache: bool = False) -> RunResult:

@@ -1,0 +1,14 @@
+"""Thin V3 adapters: the only part of Z2I that imports ComfyUI.
+
+Each module declares its nodes and ends with `NODES = [...]`; the extension lists them all.
+"""
+from comfy_api.latest import ComfyExtension, io
+
+from . import sampling
+
+NODES: list[type[io.ComfyNode]] = [*sampling.NODES]
+
+
+class Z2IExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

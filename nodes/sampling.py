@@ -1,0 +1,45 @@
+"""SAMPLER nodes for core SamplerCustom / SamplerCustomAdvanced."""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..guidance.ddim import sample_ddim
+from ._host import interruptible
+
+
+def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
+    """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
+    return sample_ddim(model, x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+                       disable=disable, eta=eta)
+
+
+class DDIMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Z2I_DDIMSampler",
+            display_name="DDIM Sampler (Z2I)",
+            category="Z2I/sampling",
+            description=(
+                "DDIM (Song et al. 2021, arXiv:2010.02502), written out as the DDIM update itself rather "
+                "than core's Euler alias, so eta interpolates between deterministic DDIM (0) and "
+                "DDPM-like sampling (1). Use with SamplerCustom or SamplerCustomAdvanced and any "
+                "SIGMAS (BasicScheduler with 'ddim_uniform' gives the papers' timesteps). With eta 0 it "
+                "exactly reverses Z2I DDIM inversion."),
+            inputs=[
+                io.Float.Input(
+                    "eta", default=0.0, min=0.0, max=1.0, step=0.01, round=False,
+                    tooltip="Stochasticity of each step. 0 = deterministic DDIM (reconstructs inverted "
+                            "latents); 1 = DDPM-like. Noise for eta > 0 comes from the sampler node's "
+                            "noise_seed, so results are reproducible."),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler")],
+        )
+
+    @classmethod
+    def execute(cls, eta: float) -> io.NodeOutput:
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_ddim_sampler_fn, extra_options={"eta": float(eta)}))
+
+
+NODES = [DDIMSampler]

@@ -1,0 +1,153 @@
+"""Run a ComfyUI workflow headless, once or over a folder of images.
+
+    python -m z2i.run WORKFLOW.json [--set NODE.INPUT=VALUE ...] [--checkpoint NAME_OR_PATH]
+                      [--input-dir DIR] [--output-dir DIR] [--comfyui DIR]
+
+WORKFLOW is a UI-format file (as saved from ComfyUI, or one of workflows/) or an API-format prompt.
+NODE in --set is a node id, a node title, or a class type (all nodes of that type). VALUE is parsed as
+JSON when it can be (numbers, true/false), else taken as a string.
+With --input-dir every image in DIR goes through the graph in turn (each LoadImage node gets it); images
+whose outputs already exist in --output-dir are skipped, so an interrupted batch resumes where it stopped.
+The first failure stops the run with a message naming the image and the node, and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def parse_set(items: list[str]) -> list[tuple[str, str, object]]:
+    out = []
+    for item in items:
+        target, sep, raw = item.partition("=")
+        node, dot, name = target.rpartition(".")
+        if not sep or not dot or not node or not name:
+            raise SystemExit(f"--set {item!r}: expected NODE.INPUT=VALUE, e.g. --set 7.steps=30")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.append((node, name, value))
+    return out
+
+
+def apply_sets(prompt: dict, sets: list[tuple[str, str, object]]) -> None:
+    for node, name, value in sets:
+        hits = [nid for nid, n in prompt.items()
+                if nid == node or n.get("_meta", {}).get("title") == node or n["class_type"] == node]
+        if not hits:
+            raise SystemExit(f"--set {node}.{name}: no node with that id, title or type in the workflow")
+        for nid in hits:
+            prompt[nid]["inputs"][name] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m z2i.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workflow", type=Path)
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE")
+    ap.add_argument("--checkpoint", help="checkpoint file name in models/checkpoints, or a path to one; "
+                                         "replaces ckpt_name in every CheckpointLoaderSimple")
+    ap.add_argument("--input-dir", type=Path, help="run the graph once per image in this folder")
+    ap.add_argument("--output-dir", type=Path, default=Path("output"), help="where images are written")
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: $Z2I_COMFYUI, else the one tools/setup.sh made)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only errors from ComfyUI (hides its start-up import warnings)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
+
+    from .headless.host import Host, HostMissing, PromptFailed
+    from .headless.workflow import WorkflowError, ui_to_api
+
+    if not args.workflow.is_file():
+        print(f"error: workflow file {args.workflow} does not exist", file=sys.stderr)
+        return 2
+    try:
+        data = json.loads(args.workflow.read_text())
+    except json.JSONDecodeError as e:
+        print(f"error: {args.workflow} is not valid JSON: {e}", file=sys.stderr)
+        return 2
+    try:
+        host = Host.get(args.comfyui, output_dir=args.output_dir)
+    except HostMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        prompt = ui_to_api(data, host.input_types, known_types=set(host.node_classes))
+    except WorkflowError as e:
+        print(f"error: {args.workflow.name}: {e}", file=sys.stderr)
+        return 2
+
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        if ckpt.is_file():
+            host.folder_paths.add_model_folder_path("checkpoints", str(ckpt.resolve().parent))
+        for n in prompt.values():
+            if n["class_type"] == "CheckpointLoaderSimple":
+                n["inputs"]["ckpt_name"] = ckpt.name
+    apply_sets(prompt, parse_set(args.set))
+    loaders = [nid for nid, n in prompt.items() if n["class_type"] == "LoadImage"]
+    savers = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
+
+    jobs: list[Path | None] = [None]
+    if args.input_dir:
+        if not args.input_dir.is_dir():
+            print(f"error: --input-dir {args.input_dir} is not a folder", file=sys.stderr)
+            return 2
+        if not loaders:
+            print("error: --input-dir given but the workflow has no LoadImage node", file=sys.stderr)
+            return 2
+        jobs = sorted(p for p in args.input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not jobs:
+            print(f"error: no images in {args.input_dir}", file=sys.stderr)
+            return 2
+        host.set_input_dir(args.input_dir)
+
+    done = skipped = 0
+    written: list[str] = []
+    t0 = time.time()
+    for k, image in enumerate(jobs, 1):
+        job = json.loads(json.dumps(prompt))
+        label = args.workflow.name
+        if image is not None:
+            label = image.name
+            prefix = image.stem
+            if any(args.output_dir.glob(f"{prefix}_*.png")):
+                skipped += 1
+                print(f"[{k}/{len(jobs)}] {image.name}: already done, skipped", file=sys.stderr)
+                continue
+            try:
+                from PIL import Image
+                with Image.open(image) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001  (any decoder error means the same thing to the user)
+                print(f"error: {image}: not a readable image ({e.__class__.__name__}: {e}); stopping",
+                      file=sys.stderr)
+                return 1
+            for nid in loaders:
+                job[nid]["inputs"]["image"] = image.name
+            for nid in savers:
+                job[nid]["inputs"]["filename_prefix"] = prefix
+        try:
+            result = host.run_prompt(job)
+        except PromptFailed as e:
+            print(f"error: {label}: {e}", file=sys.stderr)
+            return 1
+        for node_out in result.ui.values():
+            for img in node_out.get("images", []):
+                written.append(str(Path(args.output_dir) / img.get("subfolder", "") / img["filename"]))
+        done += 1
+        print(f"[{k}/{len(jobs)}] {label}: done ({time.time() - t0:.1f}s)", file=sys.stderr)
+    print(f"summary: {done} run, {skipped} skipped, {len(written)} images written to {args.output_dir}")
+    for w in written:
+        print(w)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Helpers shared by the tests: API-prompt builders, the server process, closed-form toy denoisers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+
+# -- toy denoisers with closed forms ---------------------------------------------------------------------------
+class GaussianDenoiser:
+    """Exact posterior mean for data x0 ~ N(mu, s^2 I): D(x, sigma) = mu + s^2/(s^2 + sigma^2) (x - mu).
+
+    With this denoiser the probability-flow ODE has a closed-form solution, so DDIM can be checked
+    against exact values, not against our own outputs.
+    """
+
+    def __init__(self, mu: torch.Tensor | float = 0.0, s: float = 1.0):
+        self.mu, self.s2 = mu, s * s
+        self.calls = 0
+
+    def __call__(self, x, sigma, **kw):
+        self.calls += 1
+        sig = sigma.reshape(-1, *([1] * (x.ndim - 1))) if isinstance(sigma, torch.Tensor) else sigma
+        return self.mu + self.s2 / (self.s2 + sig * sig) * (x - self.mu)
+
+
+def alpha_form_ddim(eps_fn, x_vp: torch.Tensor, alpha_bars: list[float], eta: float = 0.0, noises=None):
+    """Textbook DDIM in the papers' alpha-bar form (Song et al. Eq. 12), independent of sigma space.
+
+    eps_fn(x_vp, i) -> eps prediction at step i. alpha_bars[i] is the level of step i (descending noise).
+    x_{t-1} = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z,  s = eta sqrt((1-a_prev)/(1-a_t)) sqrt(1-a_t/a_prev)
+    """
+    for i in range(len(alpha_bars) - 1):
+        a_t, a_prev = alpha_bars[i], alpha_bars[i + 1]
+        eps = eps_fn(x_vp, i)
+        x0 = (x_vp - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        s = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev) if a_prev < 1 else 0.0
+        x_vp = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - s * s, 0.0)) * eps
+        if s > 0:
+            x_vp = x_vp + s * noises[i]
+    return x_vp
+
+
+# -- API prompts ----------------------------------------------------------------------------------------------
+def txt2img_prompt(ckpt: str, sampler: dict, steps: int = 4, width: int = 64, height: int = 64, batch: int = 1,
+                   cfg: float = 1.0, seed: int = 1, add_noise: bool = True, latent_from: list | None = None,
+                   scheduler: str = "ddim_uniform", positive: str = "a photo of a cat",
+                   negative: str = "") -> dict:
+    """ckpt -> text encodes -> [EmptyLatentImage] -> SamplerCustom(sampler node) -> VAEDecode -> SaveImage."""
+    p = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["ckpt", 1]}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "sampler": sampler,
+        "sigmas": {"class_type": "BasicScheduler",
+                   "inputs": {"model": ["ckpt", 0], "scheduler": scheduler, "steps": steps, "denoise": 1.0}},
+        "sample": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["ckpt", 0], "add_noise": add_noise, "noise_seed": seed, "cfg": cfg,
+            "positive": ["pos", 0], "negative": ["neg", 0], "sampler": ["sampler", 0],
+            "sigmas": ["sigmas", 0], "latent_image": latent_from or ["empty", 0]}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "z2i_test"}},
+    }
+    return p
+
+
+# -- the real server ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """ComfyUI's own main.py on a free loopback port, with the pack in its custom_nodes."""
+
+    def __init__(self, host_dir: Path, output_dir: Path, startup_timeout: float = 120.0):
+        self.host_dir, self.output_dir = Path(host_dir), Path(output_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.output_dir / "server.log"
+
+    def start(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--use-pytorch-cross-attention",
+             "--output-directory", str(self.output_dir), "--disable-auto-launch"],
+            cwd=self.host_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.get_json("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI server not ready after {self.timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def get_json(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read()
+
+    def post_json(self, path: str, payload: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"POST {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
+
+    def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """POST /prompt, poll /history until done; return the history entry (raises on error)."""
+        pid = self.post_json("/prompt", {"prompt": prompt, "client_id": "z2i-tests"})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get_json(f"/history/{pid}")
+            if pid in hist:
+                entry = hist[pid]
+                status = entry.get("status", {})
+                if status.get("status_str") == "error" or not status.get("completed", True):
+                    raise AssertionError(f"prompt failed: {json.dumps(status)[:4000]}")
+                return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server died:\n{self.log_tail()}")
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {pid} not finished after {timeout}s:\n{self.log_tail()}")

@@ -1,0 +1,154 @@
+"""Write the UI-format workflows in workflows/ from compact graph descriptions.
+
+Hand-editing UI JSON (node ids, link tables, slot indices, widget order) is error-prone, so each shipped
+workflow is described here once and laid out by this script, using the live node schemas of the real host
+for input order, widget order and output types. The files it writes are what users load; the tests run
+every one of them through the host and its HTTP API.
+
+Usage: python tools/build_workflows.py [--check]   (--check: fail if a file on disk differs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "workflows"
+STANDARD_CKPT = "v1-5-pruned-emaonly.safetensors"
+EXAMPLE_IMAGE = "z2i_example.png"
+
+# Each node: (key, class_type, {input: value | (key, output_slot)}, optional title)
+WORKFLOWS: dict[str, dict] = {
+    "z2i_ddim_img2img": {
+        "note": (
+            "Z2I DDIM sampler: image-to-image with true DDIM steps (SDEdit-style).\n\n"
+            "What to change:\n"
+            "- Load Checkpoint: any SD1.x / SD2.x / SDXL checkpoint.\n"
+            "- Load Image: your picture (any size divisible by 8 after VAE encoding).\n"
+            "- BasicScheduler denoise: how far from the input the result may move (0.3-0.8).\n"
+            "- DDIM Sampler eta: 0 = deterministic, 1 = DDPM-like (seeded by noise_seed).\n"
+            "- scheduler 'ddim_uniform' visits the same timesteps as diffusers' DDIM."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "an oil painting of a red square in a garden", "clip": ("ckpt", 1)},
+             "Positive prompt"),
+            ("neg", "CLIPTextEncode", {"text": "blurry, low quality", "clip": ("ckpt", 1)}, "Negative prompt"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("sampler", "Z2I_DDIMSampler", {"eta": 0.0}),
+            ("sigmas", "BasicScheduler", {"model": ("ckpt", 0), "scheduler": "ddim_uniform", "steps": 20,
+                                          "denoise": 0.6}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": True, "noise_seed": 42, "cfg": 5.0,
+                                         "positive": ("pos", 0), "negative": ("neg", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("sigmas", 0), "latent_image": ("encode", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_ddim_img2img"}),
+        ],
+    },
+}
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _ordered(info: dict):
+    for section in ("required", "optional"):
+        for name, spec in (info["input"].get(section) or {}).items():
+            typ = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            yield name, typ, opts
+
+
+def build(name: str, spec: dict, node_info) -> dict:
+    keys = [n[0] for n in spec["nodes"]]
+    ids = {k: i + 2 for i, k in enumerate(keys)}  # id 1 is the Note
+    depth: dict[str, int] = {}
+    for key, _, inputs, *_ in spec["nodes"]:
+        parents = [v[0] for v in inputs.values() if isinstance(v, tuple)]
+        depth[key] = 1 + max((depth[p] for p in parents), default=-1)
+    column_y: dict[int, float] = {}
+    nodes, links = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for order, (key, kind, inputs, *title) in enumerate(spec["nodes"]):
+        info = node_info(kind)
+        unknown = set(inputs) - {n for n, _, _ in _ordered(info)}
+        if unknown:
+            raise SystemExit(f"{name}: {kind} has no inputs {sorted(unknown)}")
+        sockets, widgets = [], []
+        for iname, typ, opts in _ordered(info):
+            value = inputs.get(iname)
+            is_widget = (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput")
+            if isinstance(value, tuple):
+                src, slot = value
+                link_id = len(links) + 1
+                ltype = node_info(spec_kind(spec, src))["output"][slot]
+                links.append([link_id, ids[src], slot, ids[key], len(sockets), ltype])
+                out_links.setdefault((ids[src], slot), []).append(link_id)
+                entry = {"name": iname, "type": typ if not isinstance(typ, list) else "COMBO", "link": link_id}
+                if is_widget:
+                    entry["widget"] = {"name": iname}
+                sockets.append(entry)
+                if is_widget:
+                    widgets.append(opts.get("default"))
+                continue
+            if is_widget:
+                if value is None:
+                    value = opts.get("default", typ[0] if isinstance(typ, list) and typ else None)
+                widgets.append(value)
+                if typ == "INT" and (opts.get("control_after_generate") or iname in ("seed", "noise_seed")):
+                    widgets.append("fixed")
+                if opts.get("image_upload"):
+                    widgets.append("image")
+            elif iname in (info["input"].get("required") or {}):
+                sockets.append({"name": iname, "type": typ, "link": None})
+        d = depth[key]
+        y = column_y.get(d, 80.0)
+        height = 46 + 22 * (len(sockets) + len(widgets)) + (60 if kind == "CLIPTextEncode" else 0)
+        column_y[d] = y + height + 40
+        node = {"id": ids[key], "type": kind, "pos": [420 + 340 * d, y], "size": [300, height], "flags": {},
+                "order": order + 1, "mode": 0, "inputs": sockets,
+                "outputs": [{"name": oname, "type": otype, "links": [], "slot_index": i}
+                            for i, (oname, otype) in enumerate(zip(info.get("output_name") or info["output"],
+                                                                   info["output"]))],
+                "properties": {"Node name for S&R": kind}, "widgets_values": widgets}
+        if title:
+            node["title"] = title[0]
+        nodes.append(node)
+    for node in nodes:
+        for i, out in enumerate(node["outputs"]):
+            out["links"] = out_links.get((node["id"], i), [])
+    note = {"id": 1, "type": "Note", "pos": [40, 80], "size": [340, 300], "flags": {}, "order": 0, "mode": 0,
+            "inputs": [], "outputs": [], "properties": {"text": ""}, "widgets_values": [spec["note"]],
+            "title": "Read me", "color": "#432", "bgcolor": "#653"}
+    return {"last_node_id": len(nodes) + 1, "last_link_id": len(links), "nodes": [note, *nodes], "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def spec_kind(spec: dict, key: str) -> str:
+    return next(n[1] for n in spec["nodes"] if n[0] == key)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    from z2i.headless.host import Host
+    host = Host.get()
+    OUT.mkdir(exist_ok=True)
+    stale = []
+    for name, spec in WORKFLOWS.items():
+        text = json.dumps(build(name, spec, host.node_info), indent=2) + "\n"
+        path = OUT / f"{name}.json"
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(REPO)}")
+    if stale:
+        sys.exit("out of date (run python tools/build_workflows.py): " + ", ".join(stale))
+
+
+if __name__ == "__main__":
+    main()
