@@ -1,0 +1,60 @@
+"""The headless runner (`python -m z2i.run`): main job, folders of images, clear failures."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+WF = REPO / "workflows" / "z2i_ddim_img2img.json"
+
+
+def run(*args, env=None, timeout=600):
+    e = {**os.environ, "PYTHONPATH": str(REPO / ".host" / "pythonpath"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "z2i.run", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=e, timeout=timeout)
+
+
+def test_missing_host_says_how_to_set_it_up(tmp_path):
+    r = run(WF, "--comfyui", tmp_path / "nowhere")
+    assert r.returncode == 2
+    assert "bash tools/setup.sh" in r.stderr and "No ComfyUI host" in r.stderr
+
+
+@pytest.mark.slow
+def test_folder_of_images_runs_then_skips(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        Image.new("RGB", (64, 64), color).save(inp / f"img{i}.png")
+    args = [WF, "--checkpoint", "z2i-tiny-sd15.safetensors", "--input-dir", inp, "--output-dir", out,
+            "--set", "BasicScheduler.steps=3", "-q"]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 run, 0 skipped" in r.stdout
+    assert sorted(p.name.split("_")[0] for p in out.glob("*.png")) == ["img0", "img1", "img2"]
+    r2 = run(*args)
+    assert r2.returncode == 0 and "0 run, 3 skipped" in r2.stdout
+    (inp / "img3.png").write_bytes(b"this is not a png")
+    r3 = run(*args)
+    assert r3.returncode == 1 and "img3.png" in r3.stderr and "not a readable image" in r3.stderr
+
+
+def test_unknown_node_is_reported_not_a_traceback(tmp_path):
+    wf = json.loads(WF.read_text())
+    wf["nodes"].append({"id": 99, "type": "NotARealNode", "pos": [0, 0], "size": [100, 100], "flags": {},
+                        "order": 99, "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                        "widgets_values": []})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(wf))
+    r = run(bad, "-q")
+    assert r.returncode == 2
+    assert "NotARealNode (node 99)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_set_rejects_unknown_target():
+    r = run(WF, "--set", "NoSuchNode.steps=3", "-q")
+    assert r.returncode != 0 and "NoSuchNode" in r.stderr

@@ -1,0 +1,70 @@
+"""Every shipped workflow runs: headless in process, and POSTed to the real server over HTTP."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from z2i.headless.workflow import ui_to_api
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+TINY = {"sdxl": "z2i-tiny-sdxl.safetensors"}
+
+
+def tiny_checkpoint_for(path: Path) -> str:
+    return TINY["sdxl"] if "sdxl" in path.stem else "z2i-tiny-sd15.safetensors"
+
+
+def _prepare(prompt: dict, path: Path) -> dict:
+    for n in prompt.values():
+        if n["class_type"] == "CheckpointLoaderSimple":
+            n["inputs"]["ckpt_name"] = tiny_checkpoint_for(path)
+    return prompt
+
+
+def test_there_are_workflows():
+    assert WORKFLOWS, "workflows/ is empty"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_ui_format_with_a_note(path):
+    wf = json.loads(path.read_text())
+    assert "nodes" in wf and "links" in wf, "workflows/ holds UI-format files (the template browser loads these)"
+    notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes and notes[0]["widgets_values"][0].strip(), "each workflow carries a Note saying what to change"
+    ckpts = [n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert all(not n["widgets_values"][0].startswith("z2i-tiny") for n in ckpts), "ship standard checkpoint names"
+
+
+@pytest.mark.host
+def test_workflows_match_their_builder(host):
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_workflows.py"), "--check"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_headless(host, path):
+    prompt = _prepare(ui_to_api(json.loads(path.read_text()), host.input_types, set(host.node_classes)), path)
+    res = host.run_prompt(prompt)
+    images = [img for out in res.ui.values() for img in out.get("images", [])]
+    assert images, "the workflow saved no image"
+    for img in images:
+        f = Path(host.folder_paths.get_output_directory()) / img["subfolder"] / img["filename"]
+        assert f.is_file() and f.stat().st_size > 0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_over_http(server, path):
+    info = server.get_json("/object_info")
+    prompt = _prepare(ui_to_api(json.loads(path.read_text()), lambda t: info[t]["input"], set(info)), path)
+    entry = server.run(prompt)
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert images
+    img = images[0]
+    data = server.get_bytes(f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type={img['type']}")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
