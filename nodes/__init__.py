@@ -4,9 +4,9 @@ Each module declares its nodes and ends with `NODES = [...]`; the extension list
 """
 from comfy_api.latest import ComfyExtension, io
 
-from . import sampling
+from . import inversion, sampling
 
-NODES: list[type[io.ComfyNode]] = [*sampling.NODES]
+NODES: list[type[io.ComfyNode]] = [*sampling.NODES, *inversion.NODES]
 
 
 class Z2IExtension(ComfyExtension):

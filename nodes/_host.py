@@ -1,9 +1,21 @@
-"""Small bridges between the pure core and ComfyUI's runtime (progress, interruption)."""
+"""Small bridges between the pure core and ComfyUI's runtime: progress, interruption, input checks."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+import torch
+
+from .types import ModelSignature
+
+
+class Z2IInputError(ValueError):
+    """A bad input, with a message that names the node, the input and the fix."""
+
+    def __init__(self, node: str, input_name: str, problem: str, fix: str):
+        super().__init__(f"{node}: input '{input_name}': {problem}. {fix}")
 
 
 def interruptible(callback: Optional[Callable[[dict], None]]) -> Callable[[dict], None]:
@@ -18,3 +30,60 @@ def interruptible(callback: Optional[Callable[[dict], None]]) -> Callable[[dict]
             callback(info)
 
     return step
+
+
+def unet_of(model, node: str, input_name: str = "model"):
+    """The UNet of a MODEL, or a clear refusal for models without one (DiT/flow families)."""
+    unet = model.get_model_object("diffusion_model")
+    if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise Z2IInputError(node, input_name, f"this {type(model.model).__name__} model has no UNet "
+                            f"({type(unet).__name__})", "Z2I works with Stable Diffusion 1.x, 2.x and SDXL "
+                            "checkpoints; load one of those")
+    ms = model.get_model_object("model_sampling")
+    if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
+            ms, (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION)) or isinstance(
+            ms, comfy.model_sampling.CONST):
+        raise Z2IInputError(node, input_name, f"its sampling ({type(ms).__name__}) is not discrete-time "
+                            "eps or v-prediction", "use an SD1.x/SD2.x/SDXL model without flow or EDM "
+                            "model-sampling patches")
+    return unet
+
+
+def downsample_factor(unet) -> int:
+    n = sum(1 for m in unet.input_blocks.modules() if type(m).__name__ == "Downsample")
+    return 2 ** n
+
+
+def check_latent(model, samples: torch.Tensor, node: str, input_name: str = "latent") -> None:
+    unet = unet_of(model, node)
+    if samples.ndim != 4:
+        raise Z2IInputError(node, input_name, f"expected an image latent [B, C, H, W], got shape "
+                            f"{tuple(samples.shape)}", "connect a VAE Encode or Empty Latent Image output")
+    f = downsample_factor(unet)
+    h, w = samples.shape[-2:]
+    if h % f or w % f:
+        raise Z2IInputError(node, input_name, f"latent is {w}x{h}, but this model needs multiples of {f} "
+                            f"(images in multiples of {8 * f} px)", "scale or crop the image first "
+                            "(ImageScale / ImageCrop)")
+
+
+def check_cond_batch(conditioning, batch: int, node: str, input_name: str) -> None:
+    for c in conditioning or []:
+        b = c[0].shape[0]
+        if b not in (1, batch):
+            raise Z2IInputError(node, input_name, f"conditioning has batch {b} but the latent has batch {batch}",
+                                "use one prompt (batch 1) or one per latent")
+
+
+def schedule_sigmas(model, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """Descending sigmas exactly as core BasicScheduler makes them (so the two can be paired)."""
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
+    return sigmas[-(steps + 1):]
+
+
+def model_signature(model) -> ModelSignature:
+    base = model.model
+    return ModelSignature(family=type(base.model_config).__name__, model_type=base.model_type.name,
+                          latent_format=type(base.latent_format).__name__, unet_id=id(base.diffusion_model),
+                          patches=str(getattr(model, "patches_uuid", "")))

@@ -11,7 +11,7 @@ seed with ComfyUI's own model classes (shared/design/host-setup.md, "Tiny checkp
 - z2i-tiny-sdxl.safetensors  SDXL topology (Segmind-Vega depth lists [0,0,1,1,2,2]) at 320 channels, with
   a middle transformer, CLIP-L + CLIP-G, TAESD-XL VAE.
 
-Every attn2 `to_q`/`to_k` weight is scaled by 4 so cross-attention maps are peaky: with default init they
+Every attn2 `to_q`/`to_k` weight of the SD1.5 and SD2 models is scaled by 4 so cross-attention maps are peaky: with default init they
 are nearly uniform and guidance would have no measurable effect. Each file is re-loaded with
 `comfy.sd.load_checkpoint_guess_config` and its detected family asserted before the build is accepted.
 
@@ -50,6 +50,10 @@ UNET_CONFIGS = {
         "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False,
     },
 }
+# attn2 q/k scale per family (see the module docstring). SDXL's text context is the un-normalised penultimate
+# layer of two random encoders and its blocks are deeper: a smaller factor keeps its random UNet smooth enough
+# that DDIM inversion converges with the step count as it does on real weights.
+SHARPEN = {"sd15": 4.0, "sd2v": 4.0, "sdxl": 1.0}
 EXPECTED = {"sd15": ("SD15", "EPS"), "sd2v": ("SD20", "V_PREDICTION"), "sdxl": ("Segmind_Vega", "EPS")}
 
 
@@ -109,7 +113,7 @@ def build(kind: str, out_path: Path) -> None:
     else:
         model = model_config.get_model({})
     randomize_(model.diffusion_model, SEED + 1)
-    n_attn = sharpen_cross_attention_(model.diffusion_model)
+    n_attn = sharpen_cross_attention_(model.diffusion_model, SHARPEN[kind])
     if kind == "sd2v":
         # SD20.model_type() reads v-prediction off this bias's spread (comfy/supported_models.py).
         g = torch.Generator().manual_seed(SEED + 7)

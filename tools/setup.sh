@@ -92,6 +92,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_checkpoints.py \
     "$ckpt_cache" --only "$list" --comfyui "$host"
 fi
+# checkpoints of older builder versions are 2-3 GB each: drop them
+for old in "$cache"/checkpoints-*; do
+  [ "$old" = "$ckpt_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
+done
 for k in "${kinds[@]}"; do
   ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
 done

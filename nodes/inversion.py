@@ -1,0 +1,126 @@
+"""Z2I_DDIMInversion: a real image's latent -> the noise that DDIM sampling maps back to it."""
+from __future__ import annotations
+
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..guidance.inversion import sample_ddim_invert
+from ..guidance.regularizers import regularize_noise
+from ._host import (Z2IInputError, check_cond_batch, check_latent, interruptible, model_signature,
+                    schedule_sigmas, unet_of)
+from .types import Inversion, InversionType
+
+NODE = "Z2I DDIM Inversion"
+VARIANTS = {"current level": "current", "target timestep": "target"}
+
+
+def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+    return sample_ddim_invert(model, x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+                              disable=disable, **options)
+
+
+class DDIMInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Z2I_DDIMInversion",
+            display_name="DDIM Inversion (Z2I)",
+            category="Z2I/inversion",
+            description=(
+                "DDIM inversion (pix2pix-zero section 3.1, CSG section 3.1): runs the deterministic DDIM update "
+                "up the noise schedule so that DDIM sampling from the returned noise reconstructs the input. "
+                "Feed 'noise' to SamplerCustom with add_noise off, cfg 1, the same prompt, the Z2I DDIM "
+                "sampler and 'sigmas'. The INVERSION output carries the whole trajectory for the editing "
+                "methods. Optional pix2pix-zero noise regularisation keeps the noise Gaussian (more editable)."),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x (v-prediction) or SDXL model."),
+                io.Conditioning.Input("positive", tooltip="The source prompt: a caption of the input image."),
+                io.Latent.Input("latent", tooltip="The image to invert, from VAE Encode."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="DDIM steps; use the same number to reconstruct or edit. More steps "
+                                     "reconstruct more faithfully (the papers use 50-100)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="ddim_uniform",
+                               tooltip="Timestep schedule. 'ddim_uniform' is the papers' DDIM grid "
+                                       "(t = 981, 961, ..., 1 for 50 steps)."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="current level",
+                               tooltip="'current level': eps predicted where the latent is (exact Euler "
+                                       "inverse of the ODE; default). 'target timestep': eps predicted at the "
+                                       "next timestep, as diffusers' DDIMInverseScheduler and the pix2pix-zero "
+                                       "code do."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance while inverting. 1 = none, as every paper "
+                                       "inverts; larger values break reconstruction. Needs 'negative' when not 1."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="Invert only part of the way (same meaning as BasicScheduler's denoise). "
+                                       "1 = all the way to pure noise."),
+                io.Int.Input("refine_iterations", default=0, min=0, max=20,
+                             tooltip="Fixed-point iterations per step that make each step the exact inverse "
+                                     "of the DDIM sampling step (better reconstruction, one more UNet call "
+                                     "per iteration). 0 = plain DDIM inversion."),
+                io.Boolean.Input("regularize", default=False,
+                                 tooltip="pix2pix-zero's noise regularisation (auto-correlation pyramid + KL, "
+                                         "Eq. 3): keeps the inverted noise white, which helps editing but "
+                                         "costs exact reconstruction. Off = plain inversion."),
+                io.Float.Input("reg_lambda", default=20.0, min=0.0, max=1000.0, step=0.5,
+                               tooltip="Step size of each regulariser term (pix2pix-zero: 20). 0 = no effect."),
+                io.Int.Input("reg_iterations", default=5, min=1, max=100,
+                             tooltip="Regularisation iterations per inversion step (pix2pix-zero: 5)."),
+                io.Int.Input("reg_seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the regulariser's random shifts (results are reproducible)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Only used when cfg is not 1. Leave empty otherwise."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="noise", tooltip="The inverted noise x_T, for SamplerCustom "
+                                                               "with add_noise off."),
+                InversionType.Output(display_name="inversion", tooltip="Sigmas, per-step latents, per-step "
+                                                                       "x0 predictions, conditioning used."),
+                io.Sigmas.Output(display_name="sigmas", tooltip="The matching reverse schedule, for "
+                                                                "SamplerCustom's sigmas input."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, steps, scheduler, variant, cfg, denoise, refine_iterations,
+                regularize, reg_lambda, reg_iterations, reg_seed, negative=None) -> io.NodeOutput:
+        samples = latent["samples"]
+        unet_of(model, NODE)
+        check_latent(model, samples, NODE)
+        check_cond_batch(positive, samples.shape[0], NODE, "positive")
+        check_cond_batch(negative, samples.shape[0], NODE, "negative")
+        if variant not in VARIANTS:
+            raise Z2IInputError(NODE, "variant", f"unknown value {variant!r}", f"use one of {list(VARIANTS)}")
+        if negative is None:
+            if cfg != 1.0:
+                raise Z2IInputError(NODE, "negative", f"cfg is {cfg} but no negative conditioning is connected",
+                                    "connect one, or set cfg to 1 (the papers invert without guidance)")
+            negative = positive
+        sigmas = schedule_sigmas(model, scheduler, steps, denoise)
+        ascending = sigmas.flip(0)
+        reg = None
+        if regularize:
+            gen = torch.Generator().manual_seed(int(reg_seed))
+            reg = lambda eps, i: regularize_noise(eps, reg_lambda, reg_lambda, reg_iterations,  # noqa: E731
+                                                  generator=gen)
+        record: list = []
+        options = {"variant": VARIANTS[variant], "refine": int(refine_iterations), "regularize": reg,
+                   "record": record, "sigma_floor": float(model.get_model_object("model_sampling").sigma_min)}
+        sampler = comfy.samplers.KSAMPLER(_invert_fn, extra_options=options)
+        samples = comfy.sample.fix_empty_latent_channels(model, samples)
+        callback = latent_preview.prepare_callback(model, steps)
+        noise = comfy.sample.sample_custom(
+            model, torch.zeros_like(samples), cfg, sampler, ascending, positive, negative, samples,
+            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(reg_seed))
+        out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
+        out["samples"] = noise
+        inversion = Inversion(trajectory=record[0], model=model_signature(model), positive=positive,
+                              negative=negative, cfg=float(cfg), variant=VARIANTS[variant],
+                              latent_shape=tuple(samples.shape))
+        return io.NodeOutput(out, inversion, sigmas)
+
+
+NODES = [DDIMInversion]

@@ -1,0 +1,155 @@
+"""DDIM inversion against closed forms, and the pix2pix-zero noise regulariser."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from z2i.guidance.ddim import sample_ddim
+from z2i.guidance.inversion import Trajectory, sample_ddim_invert
+from z2i.guidance.regularizers import auto_corr_loss, kl_divergence, regularize_noise
+from z2i.tests.helpers import GaussianDenoiser
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def sd_grid(steps):
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    abar = torch.cumprod(1 - betas, 0)
+    table = ((1 - abar) / abar).sqrt()
+    ts = list(range(1, 1000, 1000 // steps))
+    return torch.cat([torch.zeros(1), table[ts]]), float(table[0])   # ascending, from the clean latent
+
+
+class TimeOnlyEps:
+    """D(x, sigma) = x - sigma * e(sigma): the exact x0 estimate of a model whose noise depends only on t."""
+
+    def __init__(self, shape):
+        g = torch.Generator().manual_seed(3)
+        self.base = torch.randn(shape, generator=g)
+
+    def __call__(self, x, sigma, **kw):
+        s = sigma.reshape(-1, 1, 1, 1)
+        return x - s * (self.base * torch.cos(3 * s) + 0.1 * s)
+
+
+def roundtrip(model, x0, steps, variant, refine=0):
+    up, floor = sd_grid(steps)
+    rec = []
+    xt = sample_ddim_invert(model, x0, up, variant=variant, sigma_floor=floor, refine=refine, record=rec)
+    back = sample_ddim(model, xt, up.flip(0))
+    return (back - x0).norm().item() / x0.norm().item(), rec[0], xt
+
+
+def test_target_variant_is_exact_when_eps_depends_only_on_t():
+    x0 = torch.randn(2, 4, 8, 8)
+    err, _, _ = roundtrip(TimeOnlyEps(x0.shape), x0, 25, "target")
+    assert err < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["current", "target"])
+def test_gaussian_data_reconstruction_converges(variant):
+    """Plain inversion is a first-order approximation: the error falls with the step count."""
+    torch.manual_seed(0)
+    den = GaussianDenoiser(mu=0.1, s=0.8)
+    x0 = 0.1 + 0.8 * torch.randn(1, 4, 8, 8)
+    e25, _, _ = roundtrip(den, x0, 25, variant)
+    e100, _, _ = roundtrip(den, x0, 100, variant)
+    assert e100 < e25 / 2.5, (e25, e100)
+
+
+@pytest.mark.parametrize("variant", ["current", "target"])
+def test_gaussian_data_reconstructs_to_1e5_with_refinement(variant):
+    """With fixed-point refinement each inversion step is the exact inverse of the DDIM step."""
+    torch.manual_seed(0)
+    den = GaussianDenoiser(mu=0.1, s=0.8)
+    x0 = 0.1 + 0.8 * torch.randn(2, 4, 8, 8)
+    err, _, _ = roundtrip(den, x0, 25, variant, refine=6)
+    assert err < 1e-5, err
+
+
+def test_inverted_noise_matches_exact_ode_solution():
+    """For N(mu, s^2) data the PF-ODE maps x0 to mu + sqrt(s^2+sigma^2)/s * (x0 - mu) at level sigma."""
+    torch.manual_seed(1)
+    mu, s = 0.2, 0.6
+    x0 = mu + s * torch.randn(1, 4, 8, 8)
+    errs = []
+    for steps in (50, 200):
+        _, traj, xt = roundtrip(GaussianDenoiser(mu, s), x0, steps, "current")
+        sig_t = float(traj.sigmas[-1])
+        exact = mu + math.sqrt(s * s + sig_t * sig_t) / s * (x0 - mu)
+        errs.append(((xt - exact).norm() / exact.norm()).item())
+    assert errs[1] < errs[0] / 2.5 and errs[1] < 0.02, errs
+
+
+def test_trajectory_records_every_step():
+    x0 = torch.randn(2, 4, 8, 8)
+    _, traj, xt = roundtrip(GaussianDenoiser(), x0, 10, "current")
+    assert isinstance(traj, Trajectory) and traj.steps == 10
+    assert traj.latents.shape == (11, 2, 4, 8, 8) and traj.x0.shape == (10, 2, 4, 8, 8)
+    assert torch.equal(traj.latents[0], x0) and torch.equal(traj.latents[-1], xt)
+    assert traj.index_of_sigma(float(traj.sigmas[4])) == 4
+    with pytest.raises(KeyError):
+        traj.index_of_sigma(123.0)
+    with pytest.raises(Exception):
+        traj.sigmas = None   # frozen
+
+
+def test_rejects_descending_sigmas_and_unknown_variant():
+    up, floor = sd_grid(10)
+    with pytest.raises(ValueError, match="ascending"):
+        sample_ddim_invert(GaussianDenoiser(), torch.zeros(1, 4, 8, 8), up.flip(0), sigma_floor=floor)
+    with pytest.raises(ValueError, match="variant"):
+        sample_ddim_invert(GaussianDenoiser(), torch.zeros(1, 4, 8, 8), up, variant="x", sigma_floor=floor)
+
+
+# -- the regulariser ----------------------------------------------------------------------------------------
+def correlated_noise(shape, gen):
+    n = torch.randn(shape, generator=gen)
+    k = torch.ones(shape[1], 1, 5, 5) / 25
+    n = F.conv2d(F.pad(n, (2, 2, 2, 2), mode="circular"), k, groups=shape[1])
+    return n / n.std()
+
+
+def test_white_noise_scores_far_lower_than_correlated():
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(4, 4, 64, 64, generator=g)
+    corr = correlated_noise((4, 4, 64, 64), g)
+    lw = auto_corr_loss(white, torch.Generator().manual_seed(1))
+    lc = auto_corr_loss(corr, torch.Generator().manual_seed(1))
+    assert lc > 10 * lw, (lw.item(), lc.item())
+    assert abs(kl_divergence(white).item()) < 0.01 * 4
+
+
+def test_regularizer_whitens_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    corr = correlated_noise((1, 4, 32, 32), g) * 1.5 + 0.3
+    out1 = regularize_noise(corr, generator=torch.Generator().manual_seed(5))
+    out2 = regularize_noise(corr, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out1, out2)
+    probe = lambda t: sum(auto_corr_loss(t, torch.Generator().manual_seed(k)).item() for k in range(8))  # noqa: E731
+    assert probe(out1) < 0.5 * probe(corr)
+    assert kl_divergence(out1) < kl_divergence(corr)
+
+
+def test_regularizer_works_on_inference_tensors():
+    with torch.inference_mode():
+        eps = torch.randn(1, 4, 16, 16)
+        out = regularize_noise(eps, iterations=1)
+    assert out.shape == eps.shape and not torch.equal(out, eps)
+
+
+def test_batch_members_are_regularised_independently():
+    g = torch.Generator().manual_seed(0)
+    a = correlated_noise((1, 4, 16, 16), g)
+    b = correlated_noise((1, 4, 16, 16), g)
+    alone = regularize_noise(a, iterations=2, generator=torch.Generator().manual_seed(1))
+    # the same shifts apply to the whole batch, and the losses are summed over it: sample a is unaffected by b
+    both = regularize_noise(torch.cat([a, b]), iterations=2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(both[:1], alone, atol=1e-10)
