@@ -47,6 +47,36 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_ddim_img2img"}),
         ],
     },
+    "z2i_inversion_reconstruction": {
+        "note": (
+            "Z2I DDIM inversion: invert a real image to noise, then sample it back.\n\n"
+            "The reconstruction should match the input; every Z2I editing method starts from this inversion.\n"
+            "What to change:\n"
+            "- Load Checkpoint: any SD1.x / SD2.x / SDXL checkpoint.\n"
+            "- Load Image: your picture; the source prompt: a caption of it.\n"
+            "- steps: 50 (papers: 50-100); the sampler reuses the inversion's sigmas output.\n"
+            "- refine_iterations 2-3 reconstructs more exactly (one extra UNet call per iteration).\n"
+            "- regularize (pix2pix-zero) makes the noise more editable but reconstruction less exact.\n"
+            "- Keep cfg at 1 in both nodes: guidance breaks the inversion."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a red square in a garden", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
+                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
+                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
+                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
+                                             "reg_seed": 0}),
+            ("sampler", "Z2I_DDIMSampler", {"eta": 0.0}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 1.0,
+                                         "positive": ("pos", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_reconstruction"}),
+        ],
+    },
 }
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
