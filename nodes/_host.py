@@ -87,3 +87,17 @@ def model_signature(model) -> ModelSignature:
     return ModelSignature(family=type(base.model_config).__name__, model_type=base.model_type.name,
                           latent_format=type(base.latent_format).__name__, unet_id=id(base.diffusion_model),
                           patches=str(getattr(model, "patches_uuid", "")))
+
+
+def register_model_folder(name: str, extensions: set[str]) -> str:
+    """Make models/<name> a ComfyUI model folder (kept as is when extra_model_paths.yaml already set it)."""
+    import os
+
+    import folder_paths
+
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
+    else:
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
+    return name

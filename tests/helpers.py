@@ -163,3 +163,30 @@ class ComfyServer:
                 raise RuntimeError(f"server died:\n{self.log_tail()}")
             time.sleep(0.3)
         raise TimeoutError(f"prompt {pid} not finished after {timeout}s:\n{self.log_tail()}")
+
+
+# -- a tiny random BLIP captioner, saved locally (no hub) ----------------------------------------------------
+def make_tiny_blip(out_dir) -> None:
+    """A 2-layer BLIP with a 20-word vocabulary, in transformers' save_pretrained layout."""
+    import os
+
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    os.makedirs(out_dir, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "red",
+             "square", "in", "the", "garden", "painting", "on", "sofa", "with"]
+    vocab = os.path.join(out_dir, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(words) + "\n")
+    tok = BertTokenizer(vocab, do_lower_case=True, bos_token="[DEC]", model_max_length=512)
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, encoder_hidden_size=32, bos_token_id=5, sep_token_id=3,
+                         pad_token_id=0, eos_token_id=3, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(out_dir)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out_dir)

@@ -77,6 +77,40 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_reconstruction"}),
         ],
     },
+    "z2i_pix2pix_zero_naive": {
+        "note": (
+            "pix2pix-zero without cross-attention guidance (the paper's ablation D): invert the image with its "
+            "caption, add the cat -> dog edit direction to the caption's embedding, and sample back.\n\n"
+            "What to change:\n"
+            "- Source prompt: a caption of your image (Z2I BLIP Caption can write it; it needs a BLIP "
+            "model in models/blip).\n"
+            "- Edit Direction: source and target words, or your own sentences; more sentences = smoother.\n"
+            "- strength: how far to edit (1 = the paper).\n"
+            "- cfg 5 with the caption as negative prompt, as the pix2pix-zero code does.\n"
+            "- Without guidance the structure can drift; the guided pix2pix-zero workflow keeps it."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
+                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
+                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
+                                             "regularize": True, "reg_lambda": 20.0, "reg_iterations": 5,
+                                             "reg_seed": 0}),
+            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
+                                                "num_sentences": 100, "seed": 0}),
+            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
+                                                  "strength": 1.0}),
+            ("sampler", "Z2I_DDIMSampler", {"eta": 0.0}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zero_naive"}),
+        ],
+    },
 }
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

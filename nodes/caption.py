@@ -1,0 +1,101 @@
+"""Z2I_BLIPCaption: a caption of the input image, the source prompt pix2pix-zero starts from (section 3)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import comfy.model_management
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ._host import Z2IInputError, register_model_folder
+
+BLIP = register_model_folder("blip", {".safetensors", ".bin", ".json"})
+NODE = "Z2I BLIP Caption"
+_cache: dict = {}
+_lock = threading.Lock()
+
+
+def blip_models() -> list[str]:
+    """Sub-folders of models/blip that hold a saved transformers BLIP (config.json inside)."""
+    names = []
+    for base in folder_paths.get_folder_paths(BLIP):
+        if os.path.isdir(base):
+            names += [d for d in sorted(os.listdir(base)) if os.path.isfile(os.path.join(base, d, "config.json"))]
+    return names
+
+
+def _model_dir(name: str) -> str:
+    for base in folder_paths.get_folder_paths(BLIP):
+        path = os.path.join(base, name)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise Z2IInputError(NODE, "model", f"no BLIP model '{name}' in {folder_paths.get_folder_paths(BLIP)}",
+                        "save one there with transformers' save_pretrained (BlipForConditionalGeneration and "
+                        "BlipProcessor, e.g. Salesforce/blip-image-captioning-base), one folder per model")
+
+
+def load_blip(path: str):
+    """Load once per folder (and file change); local files only, never a hub download."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    stamp = max(os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path))
+    key = (path, stamp)
+    with _lock:
+        if key not in _cache:
+            _cache.clear()
+            processor = BlipProcessor.from_pretrained(path, local_files_only=True)
+            model = BlipForConditionalGeneration.from_pretrained(path, local_files_only=True)
+            model.eval().requires_grad_(False)
+            _cache[key] = (processor, model)
+        return _cache[key]
+
+
+class BLIPCaption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Z2I_BLIPCaption",
+            display_name="BLIP Caption (Z2I)",
+            category="Z2I/conditioning",
+            description=("Captions each image with a BLIP model saved in models/blip/<name>/ (transformers "
+                         "format, local files only). pix2pix-zero uses the caption as the source prompt for "
+                         "inversion and as the negative prompt while editing. Greedy or beam decoding: "
+                         "deterministic."),
+            inputs=[
+                io.Image.Input("image", tooltip="Images to caption; one caption per image."),
+                io.Combo.Input("model", options=blip_models() or ["(no BLIP model in models/blip)"],
+                               tooltip="A folder in models/blip holding config.json, weights and processor files."),
+                io.Int.Input("num_beams", default=3, min=1, max=16,
+                             tooltip="Beam search width (1 = greedy). Deterministic either way."),
+                io.Int.Input("max_new_tokens", default=30, min=1, max=200, tooltip="Longest caption in tokens."),
+                io.String.Input("prefix", default="", optional=True,
+                                tooltip="Optional text the caption must start with (e.g. 'a photo of'). "
+                                        "Empty = free captioning."),
+            ],
+            outputs=[io.String.Output(display_name="caption", is_output_list=True,
+                                      tooltip="One caption per input image (a list: downstream nodes run "
+                                              "once per caption).")],
+        )
+
+    @classmethod
+    def execute(cls, image, model, num_beams, max_new_tokens, prefix="") -> io.NodeOutput:
+        path = _model_dir(model)
+        processor, blip = load_blip(path)
+        device = comfy.model_management.get_torch_device()
+        blip.to(device)
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        captions = []
+        for frame in pixels:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            kwargs = {"text": prefix} if prefix.strip() else {}
+            inputs = processor(images=frame, return_tensors="pt", **kwargs).to(device)
+            with torch.inference_mode():
+                ids = blip.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False)
+            captions.append(processor.decode(ids[0], skip_special_tokens=True).strip())
+        blip.to(comfy.model_management.unet_offload_device())
+        return io.NodeOutput(captions)
+
+
+NODES = [BLIPCaption]
