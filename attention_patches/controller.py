@@ -1,0 +1,200 @@
+"""One attention-controller protocol for capture, guidance and mixup, and the attn2 patch that drives it.
+
+Design (shared/design/style-by-example.md rules 4 and 9; comfyui-internals.md sections 1.3-1.5):
+- The patch function `attn2_replace` is a plain function (never deep-copied, never stateful). It reads a
+  per-call `AttentionCall` from `extra_options[CALL_KEY]`; a sampler puts that object into a shallow copy of
+  the model options for the one UNet call that needs it. With no call object it is plain attention.
+- Controllers key everything by site (block, id, index from `extra_options`) and by the `cond_or_uncond`
+  entry of each batch chunk, never by a running layer counter, so batched, chunked or reordered CFG calls
+  stay correct.
+- A `MapStore` holds the maps of the current step only (lockstep use) or of a bounded number of steps; its
+  memory policy (which sites, dtype, which conds) is the user's choice. It counts how many steps it ever
+  held at once, so tests can assert the bound.
+- All per-run state lives in objects the sampler creates for that run: nothing survives into a clone of
+  the MODEL, another graph or the next run.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .probs import apply_probs, attention_probs, split_heads
+from .sites import Site
+
+CALL_KEY = "z2i_attention_call"
+
+
+class AttentionController:
+    """Sees every cross-attention map of a call; may return replacement maps.
+
+    process(probs, site, cond_index, call) -> probs, for one batch chunk [b, heads, Nq, Nk] whose conditioning
+    is `cond_index` (an index into the cond list of that UNet call, ComfyUI's cond_or_uncond).
+    """
+
+    def process(self, probs: torch.Tensor, site: Site, cond_index: int, call: "AttentionCall") -> torch.Tensor:
+        return probs
+
+
+@dataclass
+class AttentionCall:
+    """What one UNet call should do with its cross-attention: the step it belongs to and the controllers."""
+
+    step: int
+    controllers: Sequence[AttentionController]
+    sites: Optional[frozenset] = None        # None = every site
+    latent_hw: Optional[tuple] = None        # (H, W) of the latent, filled from the first layer's options
+
+    def __deepcopy__(self, memo):           # ComfyUI 0.3.75 deep-copies model options: keep identity
+        return self
+
+
+class MapStore:
+    """Cross-attention maps keyed by (step, site, cond index), holding at most `max_steps` steps.
+
+    sites: keep only these sites (None = all); conds: keep only these cond indices (None = all);
+    dtype: storage dtype (float16 halves memory); keep_graph: keep the autograd graph (for guidance losses).
+    """
+
+    def __init__(self, sites: Optional[Iterable[Site]] = None, conds: Optional[Iterable[int]] = None,
+                 dtype: torch.dtype = torch.float32, keep_graph: bool = False, max_steps: int = 1,
+                 device: Optional[torch.device] = None):
+        self.sites = frozenset(sites) if sites is not None else None
+        self.conds = frozenset(conds) if conds is not None else None
+        self.dtype, self.keep_graph, self.max_steps, self.device = dtype, keep_graph, max_steps, device
+        self._steps: "OrderedDict[int, dict]" = OrderedDict()
+        self.peak_steps = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def wants(self, site: Site, cond_index: int) -> bool:
+        return (self.sites is None or site in self.sites) and (self.conds is None or cond_index in self.conds)
+
+    def put(self, step: int, site: Site, cond_index: int, probs: torch.Tensor) -> None:
+        if not self.wants(site, cond_index):
+            return
+        if step not in self._steps:
+            self._steps[step] = {}
+            while len(self._steps) > self.max_steps:
+                self._steps.popitem(last=False)
+            self.peak_steps = max(self.peak_steps, len(self._steps))
+        t = probs if self.keep_graph else probs.detach()
+        t = t.to(dtype=self.dtype, device=self.device or t.device)
+        key = (site, cond_index)
+        maps = self._steps[step]
+        maps[key] = torch.cat([maps[key], t]) if key in maps else t   # a cond split over several calls
+
+    def step(self, step: int) -> dict:
+        return self._steps.get(step, {})
+
+    def get(self, step: int, site: Site, cond_index: int) -> Optional[torch.Tensor]:
+        return self._steps.get(step, {}).get((site, cond_index))
+
+    def drop(self, step: int) -> None:
+        self._steps.pop(step, None)
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    @property
+    def steps_held(self) -> int:
+        return len(self._steps)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for maps in self._steps.values() for t in maps.values())
+
+
+class Capture(AttentionController):
+    """Store the maps (capture mode; with keep_graph=True, for gradient guidance)."""
+
+    def __init__(self, store: MapStore):
+        self.store = store
+
+    def process(self, probs, site, cond_index, call):
+        self.store.put(call.step, site, cond_index, probs)
+        return probs
+
+
+def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """[B or 1, H, W] background mask -> [B or 1, 1, h*w, 1] at a layer's resolution (bilinear)."""
+    m = F.interpolate(mask[:, None].float(), size=hw, mode="bilinear", align_corners=False)
+    return m.reshape(m.shape[0], 1, hw[0] * hw[1], 1).clamp(0, 1)
+
+
+class Mixup(AttentionController):
+    """CSG cross-attention mixup (Eq. 13): M_tgt <- M_src * P + M_tgt * (1 - P), P the background probability.
+
+    `source` holds the source branch's maps of the same step (lockstep reference pass); `token_map[l]` is the
+    source token matched to target token l (identity when None). Maps of sites or steps without source maps
+    pass through unchanged.
+    """
+
+    def __init__(self, source: MapStore, mask: torch.Tensor, source_cond: int = 0,
+                 token_map: Optional[torch.Tensor] = None, target_conds: Optional[Iterable[int]] = None):
+        self.source, self.mask, self.source_cond = source, mask, source_cond
+        self.token_map = token_map
+        self.target_conds = frozenset(target_conds) if target_conds is not None else None
+
+    def process(self, probs, site, cond_index, call):
+        if self.target_conds is not None and cond_index not in self.target_conds:
+            return probs
+        src = self.source.get(call.step, site, self.source_cond)
+        if src is None:
+            return probs
+        src = src.to(probs)
+        if self.token_map is not None:
+            src = src[..., self.token_map.to(src.device)]
+        if src.shape[0] != probs.shape[0]:
+            src = src.expand(probs.shape[0], -1, -1, -1) if src.shape[0] == 1 else src[:probs.shape[0]]
+        hw = call_hw(call, probs.shape[2])
+        p = resize_mask(self.mask.to(probs.device), hw)
+        if p.shape[0] != probs.shape[0]:
+            p = p.expand(probs.shape[0], -1, -1, -1)
+        return src * p + probs * (1 - p)
+
+
+def call_hw(call: AttentionCall, n: int) -> tuple[int, int]:
+    """The (h, w) of a layer with n query tokens, from the latent shape recorded on the call."""
+    if call.latent_hw is None:
+        side = int(round(n ** 0.5))
+        return side, n // side
+    H, W = call.latent_hw
+    f = ((H * W) / n) ** 0.5
+    h = max(1, int(round(H / f)))
+    return h, n // h
+
+
+def _sdpa(q, k, v, heads):
+    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
+    out = F.scaled_dot_product_attention(qh, kh, vh)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attn2_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """ComfyUI attn2 replace patch: plain attention, or maps handed to the call's controllers."""
+    heads = extra_options["n_heads"]
+    call: Optional[AttentionCall] = extra_options.get(CALL_KEY)
+    block = extra_options.get("block", ("?", -1))
+    site = Site(block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+    if call is None or not call.controllers or (call.sites is not None and site not in call.sites):
+        return _sdpa(q, k, v, heads)
+    if call.latent_hw is None and "original_shape" in extra_options:
+        call.latent_hw = tuple(extra_options["original_shape"][-2:])
+    probs = attention_probs(q, k, heads)
+    cou = list(extra_options.get("cond_or_uncond") or [0])
+    chunks = list(probs.chunk(len(cou))) if len(cou) > 1 else [probs]
+    changed = False
+    for ci, (cond_index, chunk) in enumerate(zip(cou, chunks)):
+        for c in call.controllers:
+            new = c.process(chunk, site, cond_index, call)
+            if new is not chunk:
+                chunk, changed = new, True
+        chunks[ci] = chunk
+    if changed:
+        probs = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return apply_probs(probs, v, heads)
