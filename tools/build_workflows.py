@@ -77,6 +77,40 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_reconstruction"}),
         ],
     },
+    "z2i_pix2pix_zero": {
+        "note": (
+            "pix2pix-zero (Parmar et al. 2023): cat -> dog while the structure stays put.\n\n"
+            "1. The caption of the image is the source prompt; the image is inverted with it (regularised).\n"
+            "2. Edit Direction: mean CLIP embedding of 'dog' sentences minus 'cat' sentences, added to the "
+            "caption (Apply Edit Direction).\n"
+            "3. The pix2pix-zero sampler runs a reference branch with the caption beside the edit and steers the "
+            "edit's cross-attention maps toward the reference's (xa_guidance 0.1, as the paper's code).\n\n"
+            "What to change: the image, its caption, the source/target words, strength, xa_guidance (raise by "
+            "0.05 if structure is lost), steps (50-100). Keep the caption as the negative prompt and cfg about 5."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
+                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
+                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
+                                             "regularize": True, "reg_lambda": 20.0, "reg_iterations": 5,
+                                             "reg_seed": 0}),
+            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
+                                                "num_sentences": 100, "seed": 0}),
+            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
+                                                  "strength": 1.0}),
+            ("sampler", "Z2I_Pix2PixZeroSampler", {"xa_guidance": 0.1, "layers": "input,middle,output",
+                                                   "map_precision": "fp32"}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zero"}),
+        ],
+    },
     "z2i_pix2pix_zero_naive": {
         "note": (
             "pix2pix-zero without cross-attention guidance (the paper's ablation D): invert the image with its "
