@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from .probs import apply_probs, attention_probs, split_heads
 from .sites import Site
 
-CALL_KEY = "z2i_attention_call"
+CALL_KEY = "z2i_attention_call"            # the AttentionCall for cross-attention (attn2)
+SELF_CALL_KEY = "z2i_self_attention_call"   # the AttentionCall for self-attention (attn1)
 
 
 class AttentionController:
@@ -177,8 +178,17 @@ def _sdpa(q, k, v, heads):
 
 def attn2_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
     """ComfyUI attn2 replace patch: plain attention, or maps handed to the call's controllers."""
+    return _controlled_attention(q, k, v, extra_options, CALL_KEY)
+
+
+def attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """ComfyUI attn1 replace patch (self-attention), driven by the call under SELF_CALL_KEY."""
+    return _controlled_attention(q, k, v, extra_options, SELF_CALL_KEY)
+
+
+def _controlled_attention(q, k, v, extra_options: dict, call_key: str) -> torch.Tensor:
     heads = extra_options["n_heads"]
-    call: Optional[AttentionCall] = extra_options.get(CALL_KEY)
+    call: Optional[AttentionCall] = extra_options.get(call_key)
     block = extra_options.get("block", ("?", -1))
     site = Site(block[0], int(block[1]), int(extra_options.get("block_index", 0)))
     if call is None or not call.controllers or (call.sites is not None and site not in call.sites):

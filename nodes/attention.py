@@ -6,7 +6,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..attention_patches.controller import CALL_KEY, AttentionCall, attn2_replace
+from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace, attn2_replace
 from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
 from ..guidance.pix2pix_zero import sample_pix2pix_zero
@@ -22,7 +22,7 @@ class GuidedCalls:
     options, never into the MODEL, so nothing leaks into clones, other graphs or later runs.
     """
 
-    def __init__(self, model, extra_args: dict, node: str):
+    def __init__(self, model, extra_args: dict, node: str, self_attention: bool = False):
         self.model, self.extra_args = model, extra_args
         self.guider = model.inner_model
         self.base = self.guider.inner_model
@@ -34,6 +34,9 @@ class GuidedCalls:
         mo["transformer_options"] = dict(mo.get("transformer_options", {}))
         for s in self.sites:
             mo = comfy.model_patcher.set_model_options_patch_replace(mo, attn2_replace, "attn2", s.block, s.id, s.index)
+            if self_attention and s.block == "output":
+                mo = comfy.model_patcher.set_model_options_patch_replace(mo, attn1_replace, "attn1", s.block, s.id,
+                                                                         s.index)
         self.patched = mo
 
     def conds(self, name: str):
@@ -42,16 +45,25 @@ class GuidedCalls:
     def denoise_one(self, cond_name: str):
         conds = self.conds(cond_name)
 
-        def run(x, sigma, call: AttentionCall):
+        def run(x, sigma, call: AttentionCall, self_call: AttentionCall = None):
             mo = dict(self.patched)
             mo["transformer_options"] = {**self.patched["transformer_options"], CALL_KEY: call}
+            if self_call is not None:
+                mo["transformer_options"][SELF_CALL_KEY] = self_call
             s = sigma * x.new_ones([x.shape[0]])
             return comfy.samplers.calc_cond_batch(self.base, [conds], x, s, mo)[0]
 
         return run
 
-    def denoise_cfg(self, x, sigma):
-        return self.model(x, sigma * x.new_ones([x.shape[0]]), **self.extra_args)
+    def denoise_cfg(self, x, sigma, call: AttentionCall = None):
+        """The full CFG prediction through ComfyUI's guider; with `call`, the MODEL's own attn2 patches
+        (e.g. the mixup patcher's) see it."""
+        extra = self.extra_args
+        if call is not None:
+            mo = dict(extra.get("model_options", {}))
+            mo["transformer_options"] = {**mo.get("transformer_options", {}), CALL_KEY: call}
+            extra = {**extra, "model_options": mo}
+        return self.model(x, sigma * x.new_ones([x.shape[0]]), **extra)
 
 
 def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_guidance=0.1, layers="",

@@ -1,0 +1,106 @@
+"""CSG's content mask (Eq. 11-12): where the edited object is, from the source pass's attention.
+
+- TokenMapMean: the cross-attention map of the source word's tokens, averaged over heads, over the token span
+  and over the layers at or coarser than the mask resolution (each upsampled to it), normalised by its
+  maximum at every timestep and averaged over time (the authors' code; algorithms-review.md #8).
+- SelfAttentionMean: the head-averaged self-attention map A [HW, HW] of one layer at the mask resolution,
+  averaged over time as a running mean (CSG pitfall 4: never stack every step).
+- content_mask: M_hat = A_bar @ M_bar (Eq. 11, a mat-vec per image), clamped to [0, 1]; the background
+  probability is P = 1 - M_hat (Eq. 12).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .controller import AttentionCall, AttentionController, call_hw
+from .sites import Site
+
+
+class TokenMapMean(AttentionController):
+    """Layers whose maps are at most `max_hw` are used, each upsampled to `hw`."""
+
+    def __init__(self, positions: Sequence[int], hw: tuple[int, int], max_hw: Optional[tuple] = None, cond: int = 0):
+        if not positions:
+            raise ValueError("no token positions for the word")
+        self.positions, self.hw, self.cond = list(positions), tuple(hw), cond
+        self.max_hw = tuple(max_hw) if max_hw is not None else tuple(hw)
+        self._layers: dict[int, list] = {}
+        self.total: Optional[torch.Tensor] = None
+        self.steps = 0
+
+    def process(self, probs, site: Site, cond_index: int, call: AttentionCall):
+        if cond_index != self.cond:
+            return probs
+        h, w = call_hw(call, probs.shape[2])
+        if h > self.max_hw[0] or w > self.max_hw[1]:
+            return probs
+        m = probs[..., self.positions].mean(-1).mean(1).reshape(probs.shape[0], 1, h, w).float()
+        m = F.interpolate(m, size=self.hw, mode="bilinear", align_corners=False)[:, 0]
+        self._layers.setdefault(call.step, []).append(m.detach())
+        return probs
+
+    def end_step(self, step: int) -> None:
+        layers = self._layers.pop(step, None)
+        if not layers:
+            return
+        m = torch.stack(layers).mean(0)
+        m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        self.total = m if self.total is None else self.total + m
+        self.steps += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError("no cross-attention maps were seen at or below the mask resolution")
+        return self.total / self.steps
+
+
+class SelfAttentionMean(AttentionController):
+    """Running mean of the head-averaged self-attention of the last decoder layer whose resolution is at most
+    `hw` (the finest such layer; the authors' code uses the last 64x64 one)."""
+
+    def __init__(self, hw: tuple[int, int], cond: int = 0):
+        self.target, self.cond = tuple(hw), cond
+        self.total: Optional[torch.Tensor] = None
+        self.steps = 0
+        self.hw: Optional[tuple] = None
+        self.site: Optional[Site] = None
+        self._current: dict[int, tuple] = {}
+
+    def process(self, probs, site: Site, cond_index: int, call: AttentionCall):
+        if site.block != "output" or cond_index != self.cond:
+            return probs
+        hw = call_hw(call, probs.shape[2])
+        if hw[0] > self.target[0] or hw[1] > self.target[1]:
+            return probs
+        best = self._current.get(call.step)
+        if best is None or hw[0] * hw[1] >= best[0][0] * best[0][1]:
+            self._current[call.step] = (hw, site, probs.mean(1).float().detach())
+        return probs
+
+    def end_step(self, step: int) -> None:
+        entry = self._current.pop(step, None)
+        if entry is None:
+            return
+        self.hw, self.site, a = entry
+        self.total = a if self.total is None or self.total.shape != a.shape else self.total + a
+        self.steps += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError(f"no self-attention was captured at {self.site}")
+        return self.total / self.steps
+
+
+def content_mask(token_mean: torch.Tensor, self_attention: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eq. 11: M_hat[h, w] = sum_{h', w'} A[h, w, h', w'] M[h', w'] -> [B, H, W] in [0, 1]."""
+    b, h, w = token_mean.shape
+    if self_attention is None:
+        return token_mean.clamp(0, 1)
+    a = self_attention
+    if a.shape[0] != b:
+        a = a.expand(b, -1, -1)
+    smoothed = torch.bmm(a, token_mean.reshape(b, h * w, 1)).reshape(b, h, w)
+    return smoothed.clamp(0, 1)
