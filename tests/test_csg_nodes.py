@@ -1,0 +1,109 @@
+"""CSG in the real host: mask outputs, zero-guidance identity, mixup and guidance effects, batch, isolation."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+CAPTION, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
+
+
+def graph(ckpt, lambda_pre=15.0, mixup=True, batch=1, steps=4, sampler=None, mask_level=0):
+    p = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": CAPTION, "clip": ["ckpt", 1]}},
+        "tgt": {"class_type": "CLIPTextEncode", "inputs": {"text": TARGET, "clip": ["ckpt", 1]}},
+        "img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
+        "scale": {"class_type": "ImageScale", "inputs": {"image": ["img", 0], "upscale_method": "bilinear",
+                                                         "width": 64, "height": 64, "crop": "disabled"}},
+        "rep": {"class_type": "RepeatImageBatch", "inputs": {"image": ["scale", 0], "amount": batch}},
+        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["rep", 0], "vae": ["ckpt", 2]}},
+        "inv": {"class_type": "Z2I_DDIMInversion", "inputs": {
+            "model": ["ckpt", 0], "positive": ["pos", 0], "latent": ["enc", 0], "steps": steps,
+            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
+            "refine_iterations": 0, "regularize": False, "reg_lambda": 20.0, "reg_iterations": 1, "reg_seed": 0}},
+        "mask": {"class_type": "Z2I_CSGMask", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1], "caption": CAPTION, "word": "cat",
+            "token_level": 1, "mask_level": mask_level}},
+        "mix": {"class_type": "Z2I_CrossAttentionMixup", "inputs": {
+            "model": ["ckpt", 0], "background": ["mask", 0], "strength": 1.0 if mixup else 0.0}},
+        "sampler": sampler or {"class_type": "Z2I_CSGSampler", "inputs": {
+            "inversion": ["inv", 1], "background": ["mask", 0], "lambda_pre": lambda_pre, "delta": 1.5,
+            "clamp_pull": False}},
+        "s": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["mix", 0], "add_noise": False, "noise_seed": 0, "cfg": 5.0, "positive": ["tgt", 0],
+            "negative": ["pos", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}},
+    }
+    return p
+
+
+def samples(host, p, **kw):
+    return host.run_prompt(p, targets=["s"], **kw).output("s", 0)["samples"]
+
+
+def test_mask_outputs(host, checkpoints):
+    res = host.run_prompt(graph(checkpoints["sd15"]), targets=["mask"])
+    bg, obj, word = res.output("mask", 0), res.output("mask", 1), res.output("mask", 2)
+    assert bg.shape == (1, 64, 64) and obj.shape == (1, 64, 64, 3) and word.shape == (1, 64, 64, 3)
+    assert float(bg.min()) >= 0 and float(bg.max()) <= 1
+    assert torch.allclose(bg, 1 - obj[..., 0], atol=1e-6)
+    assert float(word.max()) == pytest.approx(1.0, abs=0.01)         # max-normalised word map (upsampled)
+
+
+def test_wrong_word_is_named(host, checkpoints):
+    from z2i.headless.host import PromptFailed
+    p = graph(checkpoints["sd15"])
+    p["mask"]["inputs"]["word"] = "zebra"
+    with pytest.raises(PromptFailed, match=r"Z2I CSG Mask: input 'word': 'zebra' does not occur in the caption"):
+        host.run_prompt(p, targets=["mask"])
+
+
+def test_zero_guidance_is_plain_ddim_with_the_target_prompt(host, checkpoints):
+    a = samples(host, graph(checkpoints["sd15"], lambda_pre=0.0, mixup=False))
+    b = samples(host, graph(checkpoints["sd15"], mixup=False,
+                            sampler={"class_type": "Z2I_DDIMSampler", "inputs": {"eta": 0.0}}))
+    assert torch.equal(a, b)
+
+
+def test_guidance_and_mixup_each_change_the_result(host, checkpoints):
+    plain = samples(host, graph(checkpoints["sd15"], lambda_pre=0.0, mixup=False))
+    guided = samples(host, graph(checkpoints["sd15"], lambda_pre=15.0, mixup=False))
+    mixed = samples(host, graph(checkpoints["sd15"], lambda_pre=0.0, mixup=True))
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(guided, plain) > 1e-3 and rel(mixed, plain) > 1e-3
+
+
+def test_guidance_pulls_the_background_toward_the_source(host, checkpoints):
+    """With the mask all background the posterior term pulls the edit toward the source's reconstruction.
+    (lambda_pre 1: with 4 steps the paper's 15 over-corrects; its stability needs about 50 steps.)"""
+    p0 = graph(checkpoints["sd15"], lambda_pre=0.0, mixup=False)
+    p1 = graph(checkpoints["sd15"], lambda_pre=1.0, mixup=False)
+    for p in (p0, p1):
+        p["solid"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+        p["sampler"]["inputs"]["background"] = ["solid", 0]
+    rec = graph(checkpoints["sd15"], mixup=False, sampler={"class_type": "Z2I_DDIMSampler", "inputs": {"eta": 0.0}})
+    rec["s"]["inputs"]["positive"] = ["pos", 0]
+    source = samples(host, rec)
+    free, pulled = samples(host, p0), samples(host, p1)
+    assert (pulled - source).norm() < 0.8 * (free - source).norm()
+
+
+def test_batch_two_deterministic_and_model_untouched(host, checkpoints):
+    p = graph(checkpoints["sd15"], batch=2)
+    a = samples(host, p, fresh_cache=True)
+    res = host.run_prompt(p, targets=["s", "ckpt", "mix"], fresh_cache=True)
+    b = res.output("s", 0)["samples"]
+    assert a.shape == (2, 4, 8, 8) and torch.equal(a, b)
+    base, patched = res.output("ckpt", 0), res.output("mix", 0)
+    assert patched is not base
+    assert "z2i_mixup" not in base.model_options.get("transformer_options", {})
+    assert not base.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+
+
+def test_sigmas_not_from_the_inversion_are_refused(host, checkpoints):
+    from z2i.headless.host import PromptFailed
+    p = graph(checkpoints["sd15"], mixup=False)
+    p["other"] = {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": "karras",
+                                                             "steps": 4, "denoise": 1.0}}
+    p["s"]["inputs"]["sigmas"] = ["other", 0]
+    with pytest.raises(PromptFailed, match=r"Z2I CSG Sampler: input 'sigmas.*not on the inversion's schedule"):
+        host.run_prompt(p, targets=["s"])
