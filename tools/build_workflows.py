@@ -111,6 +111,48 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zero"}),
         ],
     },
+    "z2i_csg": {
+        "note": (
+            "CSG, Conditional Score Guidance (Lee et al. 2023): cat -> dog with the background kept.\n\n"
+            "1. Invert the image with its caption.\n"
+            "2. CSG Content Mask finds the word 'cat' from the caption's attention (Eq. 11-12); its outputs "
+            "show the object map and the background mask.\n"
+            "3. Cross-Attention Mixup patches the model: background pixels attend as in the source (Eq. 13).\n"
+            "4. The CSG sampler samples with the word-swapped caption, pulling the background toward the source "
+            "trajectory (Eq. 18). No backpropagation: cheaper than pix2pix-zero.\n\n"
+            "What to change: the image; the caption and the same caption with the word swapped; the word; "
+            "lambda_pre (15 for real images, 5 for generated); steps 50 (with far fewer steps turn clamp_pull "
+            "on, the pull over-corrects). Keep the caption as the negative prompt, cfg about 5."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
+             "Target prompt (word swapped)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
+                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
+                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
+                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
+                                             "reg_seed": 0}),
+            ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
+                                     "caption": "a photo of a cat sitting on a sofa", "word": "cat",
+                                     "token_level": 2, "mask_level": 0}),
+            ("mixup", "Z2I_CrossAttentionMixup", {"model": ("ckpt", 0), "background": ("mask", 0), "strength": 1.0,
+                                                  "clip": ("ckpt", 1),
+                                                  "source_prompt": "a photo of a cat sitting on a sofa",
+                                                  "target_prompt": "a photo of a dog sitting on a sofa"}),
+            ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
+                                           "delta": 1.5, "clamp_pull": False}),
+            ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                         "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_csg"}),
+            ("preview_mask", "PreviewImage", {"images": ("mask", 1)}, "Object map (what CSG edits)"),
+        ],
+    },
     "z2i_pix2pix_zero_naive": {
         "note": (
             "pix2pix-zero without cross-attention guidance (the paper's ablation D): invert the image with its "
