@@ -60,7 +60,7 @@ def test_workflow_runs_headless(host, path):
     images = [img for out in res.ui.values() for img in out.get("images", [])]
     assert images, "the workflow saved no image"
     for img in images:
-        f = Path(host.folder_paths.get_output_directory()) / img["subfolder"] / img["filename"]
+        f = Path(host.folder_paths.get_directory_by_type(img["type"])) / img["subfolder"] / img["filename"]
         assert f.is_file() and f.stat().st_size > 0
 
 

@@ -244,9 +244,11 @@ def build(name: str, spec: dict, node_info) -> dict:
                 sockets.append({"name": iname, "type": typ, "link": None})
         d = depth[key]
         y = column_y.get(d, 80.0)
-        height = 46 + 22 * (len(sockets) + len(widgets)) + (60 if kind == "CLIPTextEncode" else 0)
-        column_y[d] = y + height + 40
-        node = {"id": ids[key], "type": kind, "pos": [420 + 340 * d, y], "size": [300, height], "flags": {},
+        outs = len(info["output"])
+        extra = {"LoadImage": 330, "CLIPTextEncode": 90, "SaveImage": 260, "PreviewImage": 260}.get(kind, 0)
+        height = 40 + 26 * (max(len(sockets), outs) + len(widgets)) + extra
+        column_y[d] = y + height + 70
+        node = {"id": ids[key], "type": kind, "pos": [440 + 380 * d, y], "size": [330, height], "flags": {},
                 "order": order + 1, "mode": 0, "inputs": sockets,
                 "outputs": [{"name": oname, "type": otype, "links": [], "slot_index": i}
                             for i, (oname, otype) in enumerate(zip(info.get("output_name") or info["output"],
