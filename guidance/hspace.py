@@ -1,0 +1,59 @@
+"""The h-space hook: add delta_h to (or read) the UNet middle-block output, only for calls that ask.
+
+ComfyUI 0.3.75 has no hook right after the middle block; `output_block_patch` at block ("output", 0) sees
+h = the middle-block output before the first decoder block concatenates its skip, which is the same tensor
+(comfyui-internals.md section 1.4). Newer hosts also have `middle_block_after_patch`; both functions are
+here. A sampler puts an `HCall` into the transformer options of the one UNet call that should be edited or
+read; every other call passes through untouched, so one step can evaluate eps with and without delta_h.
+Skip connections are never modified (Asyrp pitfall 3.8.1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+HSPACE_KEY = "z2i_hspace_call"
+
+
+@dataclass
+class HCall:
+    """add: delta_h (an HDirection-like object with .at(shape, scale)) times `scale`; capture: store h per
+    cond index into `captured` (a dict cond_index -> list of tensors)."""
+
+    direction: Optional[object] = None
+    scale: float = 1.0
+    captured: Optional[dict] = None
+    seen: list = field(default_factory=list)     # delta actually added, per call (for tests and stats)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def apply(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        if self.captured is not None:
+            cou = list(transformer_options.get("cond_or_uncond") or [0])
+            for ci, chunk in zip(cou, h.chunk(len(cou))):
+                self.captured.setdefault(ci, []).append(chunk.detach().float())
+        if self.direction is not None and self.scale != 0:
+            delta = self.direction.at(h.shape, self.scale).to(h)
+            self.seen.append(delta)
+            h = h + delta
+        return h
+
+
+def hspace_output_block_patch(h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict):
+    """ComfyUI output_block_patch: acts at ("output", 0), where h is the middle-block output."""
+    call = transformer_options.get(HSPACE_KEY)
+    if call is not None and tuple(transformer_options.get("block", ())) == ("output", 0):
+        h = call.apply(h, transformer_options)
+    return h, hsp
+
+
+def hspace_middle_block_after_patch(args: dict) -> dict:
+    """Newer ComfyUI middle_block_after_patch: args has h and transformer_options; returns args."""
+    call = args.get("transformer_options", {}).get(HSPACE_KEY)
+    if call is not None:
+        args = dict(args)
+        args["h"] = call.apply(args["h"], args["transformer_options"])
+    return args
