@@ -153,6 +153,39 @@ WORKFLOWS: dict[str, dict] = {
             ("preview_mask", "PreviewImage", {"images": ("mask", 1)}, "Object map (what CSG edits)"),
         ],
     },
+    "z2i_asyrp_derived": {
+        "note": (
+            "Asyrp h-space editing (Kwon et al. 2023) with a direction derived without training.\n\n"
+            "1. Invert the image with a plain caption.\n"
+            "2. h-space Direction From Prompts: the mean over the inversion trajectory of the UNet middle-block "
+            "output with the target prompt minus that with the caption.\n"
+            "3. The Asyrp sampler adds scale x delta_h to the middle block and uses the edited prediction in "
+            "DDIM's x0 term only (asymmetric), for the first edit_until of the steps; optional eta=1 boosting "
+            "at the end (boost_from < 1).\n\n"
+            "What to change: the image and both prompts; scale (negative inverts the edit); edit_until "
+            "(0.3-0.6); steps. Save h-space Direction keeps a direction for reuse (Load / Combine)."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("src", "CLIPTextEncode", {"text": "a photo of a face", "clip": ("ckpt", 1)}, "Caption (source)"),
+            ("tgt", "CLIPTextEncode", {"text": "a photo of a smiling face", "clip": ("ckpt", 1)}, "Target"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("src", 0), "latent": ("encode", 0),
+                                             "steps": 40, "scheduler": "ddim_uniform", "variant": "current level",
+                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
+                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
+                                             "reg_seed": 0}),
+            ("direction", "Z2I_HDirectionFromPrompts", {"model": ("ckpt", 0), "inversion": ("invert", 1),
+                                                        "target": ("tgt", 0)}),
+            ("sampler", "Z2I_AsyrpSampler", {"direction": ("direction", 0), "scale": 1.0, "unit": "percent",
+                                             "edit_until": 0.5, "boost_from": 1.0}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 1.0,
+                                         "positive": ("src", 0), "negative": ("src", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_asyrp"}),
+        ],
+    },
     "z2i_pix2pix_zero_naive": {
         "note": (
             "pix2pix-zero without cross-attention guidance (the paper's ablation D): invert the image with its "
