@@ -59,6 +59,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     call_sites = frozenset(sites) if sites else None
     x_ref, x_edit = x, x
     losses, losses_after = [], []
+    step_bytes = 0
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         if lam != 0:
@@ -69,6 +70,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                 probe = MapStore(sites=sites, conds=(0,), max_steps=1)
                 denoise_edit(x_edit, sigma, AttentionCall(i, [Capture(probe)], call_sites))
                 losses_after.append(float(cross_attention_loss(probe.step(i), ref_store.step(i))))
+            step_bytes = max(step_bytes, ref_store.nbytes())
             ref_store.drop(i)
             x_ref = ddim_step(d_ref, eps_from_denoised(x_ref, sigma, d_ref), sigma, sigma_next) \
                 if float(sigma_next) > 0 else d_ref
@@ -80,5 +82,6 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
         else:
             x_edit = ddim_step(denoised, eps_from_denoised(x_edit, sigma, denoised), sigma, sigma_next)
     if stats is not None:
-        stats.update(losses=losses, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps)
+        stats.update(losses=losses, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps,
+                     ref_step_bytes=step_bytes, steps=len(sigmas) - 1)
     return x_edit
