@@ -186,6 +186,38 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_asyrp"}),
         ],
     },
+    "z2i_sdxl_pix2pix_zero": {
+        "note": (
+            "pix2pix-zero on SDXL. The same graph as the SD1.5 one with an SDXL checkpoint: the edit direction "
+            "covers both text encoders (CLIP-L and CLIP-G, 2048 wide) and SDXL's pooled vector, and the "
+            "cross-attention guidance uses every transformer block of every attention layer.\n\n"
+            "What to change: the image (1024 px works best), its caption, the words, xa_guidance, steps. "
+            "SDXL's cross-attention is far larger than SD1.5's: on small GPUs restrict 'layers' (e.g. "
+            "'middle,output') or use map_precision fp16."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
+                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
+                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
+                                             "regularize": True, "reg_lambda": 20.0, "reg_iterations": 5,
+                                             "reg_seed": 0}),
+            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
+                                                "num_sentences": 100, "seed": 0}),
+            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
+                                                  "strength": 1.0}),
+            ("sampler", "Z2I_Pix2PixZeroSampler", {"xa_guidance": 0.1, "layers": "input,middle,output",
+                                                   "map_precision": "fp32"}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_sdxl_pix2pix_zero"}),
+        ],
+    },
     "z2i_pix2pix_zero_naive": {
         "note": (
             "pix2pix-zero without cross-attention guidance (the paper's ablation D): invert the image with its "
