@@ -4,9 +4,12 @@ Each module declares its nodes and ends with `NODES = [...]`; the extension list
 """
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention, caption, csg, edit, hspace, inversion, sampling
+from . import agg, attention, caption, csg, edit, hspace, inversion, sampling
 
-NODES: list[type[io.ComfyNode]] = [*sampling.NODES, *inversion.NODES, *edit.NODES, *caption.NODES, *attention.NODES, *csg.NODES, *hspace.NODES]
+NODES: list[type[io.ComfyNode]] = [
+    *sampling.NODES, *inversion.NODES, *edit.NODES, *caption.NODES, *attention.NODES, *csg.NODES, *hspace.NODES,
+    *agg.NODES,
+]
 
 
 class Z2IExtension(ComfyExtension):

@@ -1,0 +1,92 @@
+"""AGG, asymmetric gradient guidance, latent-diffusion variant (Kwon & Ye, "Improving Diffusion-based Image
+Translation using Asymmetric Gradient Guidance", section 4, App. A-B, Alg. 1; shared/design/algorithms.md
+section 1.3 and algorithms-review.md A.1, A.2, #5, #10-#12).
+
+Per guided step at level sigma, with D = x0_hat(x_t) under the target prompt and x0* the x0 estimate the
+inversion saved at the same level:
+1. MCG: g = grad_{x_t^VP} l(x0_hat(x_t)), l = lambda_reg * mean|x0_hat - x0*| (the L1 is a mean, review #5),
+   backpropagated through the UNet; eps_tilde = eps + s_t g with s_t = sqrt(1 - a_t) (the descent sign, review
+   A.1; the printed Eq. 14/18 have it reversed). In sigma space x0_hat(eps_tilde) = D - sigma^2 grad_x l.
+2. DDS: x0' = x0_bar + argmin_Delta l(x0_bar + Delta), AdamW (lr 0.01, 10 steps), no UNet backprop.
+3. Optional mask schedule (Eq. 19): x0' everywhere for the first steps, (1 - M) x0' + M D (M = object) until
+   a second boundary, then no guidance.
+4. Asymmetric update (Eq. 13/17): x_{t-1} from x0' in the x0 term and the *original* eps in the direction
+   term, with optional eta (the paper's sigma_t).
+lambda_reg = 0 is exactly DDIM.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .ddim import ddim_step
+from .schedules import append_dims, eps_from_denoised
+
+
+def l1_regularizer(x0: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
+    return weight * (x0 - target).abs().mean()
+
+
+def mcg_x0(x: torch.Tensor, sigma, denoise: Callable, target: torch.Tensor, weight: float):
+    """Steps 1 of AGG: (D, x0_bar, loss) where x0_bar = D - sigma^2 * grad_x l(D(x)) (eps_tilde in the x0 term)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        d = denoise(xg)
+        loss = l1_regularizer(d.float(), target.detach().float(), weight)
+        grad, = torch.autograd.grad(loss, xg)
+    d = d.detach()
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return d, d - append_dims(s * s, x.ndim) * grad.to(x.dtype), float(loss.detach())
+
+
+def dds_refine(x0: torch.Tensor, target: torch.Tensor, weight: float, lr: float = 0.01, steps: int = 10,
+               losses: Optional[list] = None) -> torch.Tensor:
+    """Step 2: AdamW on Delta over x0 against the same loss, without the UNet. Returns x0 + Delta*."""
+    if steps <= 0 or weight == 0:
+        return x0
+    with torch.inference_mode(False), torch.enable_grad():
+        base = x0.detach().clone().float()
+        tgt = target.detach().clone().float()
+        delta = torch.zeros_like(base, requires_grad=True)
+        opt = torch.optim.AdamW([delta], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = l1_regularizer(base + delta, tgt, weight)
+            if losses is not None:
+                losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+        out = (base + delta).detach().to(x0.dtype)
+    return out
+
+
+def agg_step(x: torch.Tensor, sigma, sigma_next, denoise: Callable, target: Optional[torch.Tensor], weight: float,
+             dds_lr: float = 0.01, dds_steps: int = 10, object_mask: Optional[torch.Tensor] = None,
+             eta: float = 0.0, noise: Optional[torch.Tensor] = None, stats: Optional[dict] = None):
+    """One reverse step -> (x_next, x0 used). `object_mask` [B or 1, H, W] (1 = object): Eq. 19's middle phase."""
+    if target is None or weight == 0:
+        d = denoise(x)
+        x0 = d
+    else:
+        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight)
+        dds_losses = [] if stats is not None else None
+        x0 = dds_refine(x0_bar, target, weight, dds_lr, dds_steps, dds_losses)
+        if object_mask is not None:
+            m = object_mask[:, None].to(x0)
+            x0 = (1 - m) * x0 + m * d
+        if stats is not None:
+            stats.setdefault("mcg_loss", []).append(loss)
+            stats.setdefault("mcg_loss_after", []).append(float(l1_regularizer(x0_bar, target, weight)))
+            stats.setdefault("dds_losses", []).append(dds_losses)
+    if float(sigma_next) == 0:
+        return x0, x0
+    eps = eps_from_denoised(x, sigma, d)          # the original eps: the asymmetric update
+    return ddim_step(x0, eps, sigma, sigma_next, eta=eta, noise=noise), x0
+
+
+def boundary(value: float, steps: int) -> int:
+    """A phase boundary given as a fraction of the steps (<= 1) or as a step count (> 1)."""
+    if value < 0:
+        raise ValueError(f"a step boundary cannot be negative ({value})")
+    return int(round(value * steps)) if value <= 1 else min(int(value), steps)
