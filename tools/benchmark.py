@@ -135,6 +135,9 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],
                 "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": 1}}},
             "mask", None),
+        "AGG (guided 30% of steps, DDS 10)": (sampling({"class_type": "Z2I_AGGSampler", "inputs": {
+            "inversion": ["inv", 1], "lambda_reg": 0.1, "guided_until": 0.3, "masked_until": 0.8, "dds_steps": 10,
+            "dds_lr": 0.01, "eta": 0.0}}, cfg=5.0), "s", "noise_seed"),
         "Asyrp (edit interval 50%)": ({
             "dir": {"class_type": "Z2I_HDirectionFromPrompts", "inputs": {"model": ["ckpt", 0], "inversion": ["inv", 1],
                                                                           "target": ["tgt", 0]}},
@@ -144,7 +147,7 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
     }
 
 
-NOT_IMPLEMENTED = ["AGG", "pix2pix-zeroCon (PatchNCE)"]
+NOT_IMPLEMENTED = ["pix2pix-zeroCon (PatchNCE)"]
 
 
 def main() -> None:
@@ -251,7 +254,8 @@ def write_markdown(path: Path, results: list, args) -> None:
               "- UNet rows / step counts batch rows through the UNet: CFG (cond + uncond) is 2 rows. Plain sampling, "
               "our DDIM, pix2pix-zero and CSG run at cfg 5; inversion and Asyrp at cfg 1 (their papers' setting), "
               "where ComfyUI skips the unconditional half. pix2pix-zero adds a reference row and a guided row with "
-              "one backward pass per step; CSG's mixup adds one source row per step.",
+              "one backward pass per step; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
+              "only (the numbers are per-step averages over all steps).",
               "- Peak RSS is measured after glibc's malloc_trim, so it is the run's own transient memory. Gradient "
               "guidance aliases the inference-mode weights (no copy), so pix2pix-zero's extra is activations "
               "kept for the backward pass and the one step of reference maps.",
