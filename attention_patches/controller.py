@@ -16,7 +16,7 @@ Design (shared/design/style-by-example.md rules 4 and 9; comfyui-internals.md se
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch

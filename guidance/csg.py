@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .ddim import ddim_step
-from .schedules import append_dims, eps_from_denoised
+from .schedules import eps_from_denoised
 
 
 def gamma_vp(sigma, sigma_next) -> float:

@@ -1,7 +1,10 @@
 """Guidance losses on captured quantities (pure torch)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 
 
 def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
@@ -21,3 +24,46 @@ def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
     if total is None:
         raise ValueError("no cross-attention maps in common between the edit and the reference pass")
     return total
+
+
+def patch_nce_loss(reference: dict, edit: dict, n_patches: int = 256, tau: float = 0.07, scales=(1, 2),
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """PatchNCE (pix2pix-zeroCon Eq. 15-16, CUT/CDS form), summed over layers and scales, mean over batch.
+
+    For each layer, features [b, N, C] with their (h, w) are average-pooled by each scale, L2-normalised per
+    location, and `n_patches` locations are drawn (the same for both sides). The query is the reference (source)
+    feature at a location, the positive the edited feature at the same location, the negatives the edited
+    features at the other drawn locations: cross-entropy over logits q_i . e_j / tau with targets on the diagonal.
+    The reference side is a constant.
+    """
+    total = None
+    for key, (f_edit, hw) in edit.items():
+        if key not in reference:
+            continue
+        f_ref = reference[key][0].detach()
+        for s in scales:
+            e, r = _pool(f_edit.float(), hw, s), _pool(f_ref.float().to(f_edit.device), hw, s)
+            e, r = F.normalize(e, dim=-1), F.normalize(r, dim=-1)
+            n = e.shape[1]
+            k = min(n_patches, n)
+            ids = torch.randperm(n, generator=generator)[:k].to(e.device)
+            q, pos = r.index_select(1, ids), e.index_select(1, ids)
+            logits = q @ pos.transpose(1, 2) / tau                      # [b, k, k]
+            target = torch.arange(k, device=e.device).expand(e.shape[0], k)
+            loss = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1))
+            total = loss if total is None else total + loss
+    if total is None:
+        raise ValueError("no features in common between the edit and the reference pass")
+    return total
+
+
+def _pool(f: torch.Tensor, hw, s: int) -> torch.Tensor:
+    if s == 1:
+        return f
+    b, n, c = f.shape
+    h, w = hw
+    if h * w != n or h < s or w < s:
+        return f
+    g = f.transpose(1, 2).reshape(b, c, h, w)
+    g = F.avg_pool2d(g, s)
+    return g.reshape(b, c, -1).transpose(1, 2)

@@ -101,3 +101,45 @@ def register_model_folder(name: str, extensions: set[str]) -> str:
         paths, exts = folder_paths.folder_names_and_paths[name]
         folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
     return name
+
+
+def save_unique(folder: str, filename: str, tensors: dict, metadata: dict) -> str:
+    """Write safetensors to models/<folder>/<name>_NNNNN.safetensors, never overwriting; returns the file name."""
+    import os
+
+    import folder_paths
+    import safetensors.torch
+
+    base = folder_paths.get_folder_paths(folder)[0]
+    os.makedirs(base, exist_ok=True)
+    name, counter = os.path.basename(filename.strip()) or "direction", 1
+    while os.path.exists(path := os.path.join(base, f"{name}_{counter:05}.safetensors")):
+        counter += 1
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    return os.path.basename(path)
+
+
+def file_fingerprint(folder: str, name: str) -> str:
+    """Content hash of a model-folder file (so edits to the file re-run the loader)."""
+    import hashlib
+
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return name
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def load_safetensors(folder: str, name: str, node: str, hint: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of models/<folder>/<name>, or a Z2IInputError naming the node and the fix."""
+    import safetensors
+
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise Z2IInputError(node, "name", f"'{name}' is not in models/{folder}", hint)
+    with safetensors.safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()

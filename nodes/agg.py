@@ -4,7 +4,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import comfy.samplers
-import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 

@@ -7,9 +7,10 @@ import torch
 from comfy_api.latest import io
 
 from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace, attn2_replace
+from ..attention_patches.features import FEATURE_KEY, FeatureCall, attn1_output_capture
 from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
-from ..guidance.pix2pix_zero import sample_pix2pix_zero
+from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
 from ._host import Z2IInputError, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
@@ -37,6 +38,11 @@ class GuidedCalls:
             if self_attention and s.block == "output":
                 mo = comfy.model_patcher.set_model_options_patch_replace(mo, attn1_replace, "attn1", s.block, s.id,
                                                                          s.index)
+        to = dict(mo["transformer_options"])
+        patches = dict(to.get("patches", {}))
+        patches["attn1_output_patch"] = [*patches.get("attn1_output_patch", []), attn1_output_capture]
+        to["patches"] = patches
+        mo["transformer_options"] = to
         self.patched = mo
 
     def conds(self, name: str):
@@ -45,11 +51,13 @@ class GuidedCalls:
     def denoise_one(self, cond_name: str):
         conds = self.conds(cond_name)
 
-        def run(x, sigma, call: AttentionCall, self_call: AttentionCall = None):
+        def run(x, sigma, call: AttentionCall, self_call: AttentionCall = None, feature_call: FeatureCall = None):
             mo = dict(self.patched)
             mo["transformer_options"] = {**self.patched["transformer_options"], CALL_KEY: call}
             if self_call is not None:
                 mo["transformer_options"][SELF_CALL_KEY] = self_call
+            if feature_call is not None:
+                mo["transformer_options"][FEATURE_KEY] = feature_call
             s = sigma * x.new_ones([x.shape[0]])
             return comfy.samplers.calc_cond_batch(self.base, [conds], x, s, mo)[0]
 
@@ -67,15 +75,26 @@ class GuidedCalls:
 
 
 def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_guidance=0.1, layers="",
-             map_dtype=torch.float32, stats=None, check_loss=False):
-    calls = GuidedCalls(model, extra_args or {}, P2PZ)
+             map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None):
+    node = node or P2PZ
+    calls = GuidedCalls(model, extra_args or {}, node)
     if not calls.conds("negative"):
-        raise Z2IInputError(P2PZ, "negative (of the sampler node)", "no negative conditioning",
+        raise Z2IInputError(node, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt, as pix2pix-zero does")
     sites = select_sites(calls.sites, layers) if layers.strip() else calls.sites
+    if contrastive is not None:
+        spec, seed = contrastive
+        try:
+            feature_sites = frozenset(select_sites(calls.sites, spec["feature_layers"]))
+        except ValueError as e:
+            raise Z2IInputError(node, "feature_layers", str(e), "name blocks (input, middle, output) or sites") from None
+        contrastive = Contrastive(lambda_c=spec["lambda_c"], lambda_e=spec["lambda_e"], sites=feature_sites,
+                                  n_patches=spec["n_patches"], tau=spec["tau"],
+                                  generator=torch.Generator().manual_seed(int(seed)))
     run = lambda: sample_pix2pix_zero(  # noqa: E731
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
-        sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss)
+        sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
+        contrastive=contrastive)
     if xa_guidance == 0:
         return run()
     with autograd_parameters(calls.unet):
@@ -118,4 +137,52 @@ class Pix2PixZeroSampler(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options=opts))
 
 
-NODES = [Pix2PixZeroSampler]
+ZEROCON = "Z2I pix2pix-zeroCon Sampler"
+
+
+class Pix2PixZeroConSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Z2I_Pix2PixZeroConSampler",
+            display_name="pix2pix-zeroCon Sampler (Z2I)",
+            category="Z2I/sampling",
+            description=(
+                "pix2pix-zeroCon (Si et al., Eq. 14-18): pix2pix-zero's lockstep guidance plus a PatchNCE "
+                "contrastive loss between UNet features of the reference and the edit at the same locations "
+                "(CUT), L = lambda_c * L_xa + lambda_e * L_PatchNCE, one latent gradient step of size lambda per "
+                "step. Wire it like the pix2pix-zero sampler."),
+            inputs=[
+                io.Float.Input("lambda_step", default=0.1, min=0.0, max=10.0, step=0.01,
+                               tooltip="lambda of Eq. 18, the latent step size in the paper's units (p2p-zero: "
+                                       "0.1; the paper finds smaller better). 0 = plain DDIM."),
+                io.Float.Input("lambda_c", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="Weight of the cross-attention loss (Eq. 17). 1 keeps pix2pix-zero."),
+                io.Float.Input("lambda_e", default=0.5, min=0.0, max=100.0, step=0.05,
+                               tooltip="Weight of the PatchNCE loss (Eq. 17). 0 = pix2pix-zero."),
+                io.String.Input("feature_layers", default="output",
+                                tooltip="Where the contrastive features come from: self-attention outputs of "
+                                        "'output' blocks (decoder, as the CDS code; default) or 'input' blocks "
+                                        "(encoder, as the paper says), or sites like output.6.0."),
+                io.Int.Input("n_patches", default=256, min=1, max=4096,
+                             tooltip="Query locations per layer and scale (CUT/CDS: 256)."),
+                io.Float.Input("tau", default=0.07, min=0.001, max=10.0, step=0.01,
+                               tooltip="Temperature of the InfoNCE logits (CUT: 0.07)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffff,
+                             tooltip="Seed of the random patch locations (drawn anew each step)."),
+                io.String.Input("layers", default="input,middle,output",
+                                tooltip="Cross-attention layers in L_xa (as in the pix2pix-zero sampler)."),
+            ],
+            outputs=[io.Sampler.Output(display_name="sampler")],
+            is_experimental=True,
+        )
+
+    @classmethod
+    def execute(cls, lambda_step, lambda_c, lambda_e, feature_layers, n_patches, tau, seed, layers) -> io.NodeOutput:
+        spec = {"lambda_c": float(lambda_c), "lambda_e": float(lambda_e), "feature_layers": feature_layers,
+                "n_patches": int(n_patches), "tau": float(tau)}
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options={
+            "xa_guidance": float(lambda_step), "layers": layers, "contrastive": (spec, int(seed)), "node": ZEROCON}))
+
+
+NODES = [Pix2PixZeroSampler, Pix2PixZeroConSampler]

@@ -1,20 +1,15 @@
 """Edit directions: sentence banks -> CLIP mean difference -> added to a conditioning; save and load."""
 from __future__ import annotations
 
-import hashlib
-import os
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
-import safetensors
-import safetensors.torch
 import torch
 from comfy_api.latest import io
 
 from ..guidance.edit_direction import EditDirection, apply_direction, construct_direction
 from ..guidance.sentences import TEMPLATES, parse_sentences, template_sentences
-from ._host import Z2IInputError, register_model_folder
+from ._host import Z2IInputError, file_fingerprint, load_safetensors, register_model_folder, save_unique
 
 EditDirectionType = io.Custom("Z2I_EDIT_DIRECTION")
 DIRECTIONS = register_model_folder("edit_directions", {".safetensors"})
@@ -179,15 +174,7 @@ class SaveEditDirection(io.ComfyNode):
 
     @classmethod
     def execute(cls, direction, filename) -> io.NodeOutput:
-        base = folder_paths.get_folder_paths(DIRECTIONS)[0]
-        name = os.path.basename(filename.strip()) or "direction"
-        os.makedirs(base, exist_ok=True)
-        counter = 1
-        while os.path.exists(path := os.path.join(base, f"{name}_{counter:05}.safetensors")):
-            counter += 1
-        tensors, metadata = direction.to_safetensors()
-        safetensors.torch.save_file(tensors, path, metadata=metadata)
-        return io.NodeOutput(ui={"text": [os.path.basename(path)]})
+        return io.NodeOutput(ui={"text": [save_unique(DIRECTIONS, filename, *direction.to_safetensors())]})
 
 
 class LoadEditDirection(io.ComfyNode):
@@ -206,22 +193,13 @@ class LoadEditDirection(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, name):
-        path = folder_paths.get_full_path(DIRECTIONS, name)
-        if path is None:
-            return name
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return file_fingerprint(DIRECTIONS, name)
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(DIRECTIONS, name)
-        if path is None:
-            raise Z2IInputError("Z2I Load Edit Direction", "name", f"'{name}' is not in the {DIRECTIONS} folder",
-                                f"save one with Save Edit Direction or copy it to "
-                                f"{folder_paths.get_folder_paths(DIRECTIONS)[0]}")
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, metadata = load_safetensors(DIRECTIONS, name, "Z2I Load Edit Direction",
+                                             f"save one with Save Edit Direction or copy it to "
+                                             f"{folder_paths.get_folder_paths(DIRECTIONS)[0]}")
         try:
             return io.NodeOutput(EditDirection.from_safetensors(tensors, metadata))
         except ValueError as e:

@@ -1,22 +1,18 @@
 """Asyrp on Stable Diffusion: h-space directions (derive, combine, save, load) and the asymmetric SAMPLER."""
 from __future__ import annotations
 
-import hashlib
-import os
-
 import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import folder_paths
-import safetensors
-import safetensors.torch
 import torch
 from comfy_api.latest import io
 
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
 from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch, hspace_output_block_patch
-from ._host import Z2IInputError, interruptible, register_model_folder, unet_of
+from ._host import (Z2IInputError, file_fingerprint, interruptible, load_safetensors, register_model_folder,
+                    save_unique, unet_of)
 from .types import InversionType
 
 HDirectionType = io.Custom("Z2I_H_DIRECTION")
@@ -219,14 +215,7 @@ class SaveHDirection(io.ComfyNode):
 
     @classmethod
     def execute(cls, direction, filename) -> io.NodeOutput:
-        base = folder_paths.get_folder_paths(H_DIRS)[0]
-        os.makedirs(base, exist_ok=True)
-        name, counter = os.path.basename(filename.strip()) or "direction", 1
-        while os.path.exists(path := os.path.join(base, f"{name}_{counter:05}.safetensors")):
-            counter += 1
-        tensors, metadata = direction.to_safetensors()
-        safetensors.torch.save_file(tensors, path, metadata=metadata)
-        return io.NodeOutput(ui={"text": [os.path.basename(path)]})
+        return io.NodeOutput(ui={"text": [save_unique(H_DIRS, filename, *direction.to_safetensors())]})
 
 
 class LoadHDirection(io.ComfyNode):
@@ -244,20 +233,12 @@ class LoadHDirection(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, name):
-        path = folder_paths.get_full_path(H_DIRS, name)
-        if path is None:
-            return name
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return file_fingerprint(H_DIRS, name)
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(H_DIRS, name)
-        if path is None:
-            raise Z2IInputError("Z2I Load h-space Direction", "name", f"'{name}' is not in models/{H_DIRS}",
-                                "save one with Save h-space Direction first")
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        tensors, metadata = load_safetensors(H_DIRS, name, "Z2I Load h-space Direction",
+                                             "save one with Save h-space Direction first")
         try:
             return io.NodeOutput(HDirection.from_safetensors(tensors, metadata))
         except ValueError as e:

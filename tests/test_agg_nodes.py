@@ -85,7 +85,7 @@ def lora_file(host):
     return "z2i_test_lora.safetensors"
 
 
-@pytest.mark.parametrize("sampler", ["agg", "p2pz"])
+@pytest.mark.parametrize("sampler", ["agg", "p2pz", "zerocon"])
 def test_lora_patched_model(host, checkpoints, lora_file, sampler):
     p = graph(checkpoints["sd15"], model=("lora", 0))
     p["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["ckpt", 0], "lora_name": lora_file,
@@ -94,6 +94,10 @@ def test_lora_patched_model(host, checkpoints, lora_file, sampler):
         p["sampler"] = {"class_type": "Z2I_Pix2PixZeroSampler", "inputs": {"xa_guidance": 0.1,
                                                                           "layers": "input,middle,output",
                                                                           "map_precision": "fp32"}}
+    if sampler == "zerocon":
+        p["sampler"] = {"class_type": "Z2I_Pix2PixZeroConSampler", "inputs": {
+            "lambda_step": 0.05, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output", "n_patches": 16,
+            "tau": 0.07, "seed": 0, "layers": "input,middle,output"}}
     res = host.run_prompt(p, targets=["s"])
     out = res.output("s", 0)["samples"]
     assert torch.isfinite(out).all()

@@ -1,6 +1,4 @@
 """Asyrp core: Theorem 1 (symmetric vs asymmetric eps shifts), phases, intervals, directions (pure)."""
-import math
-
 import pytest
 import torch
 

@@ -108,7 +108,6 @@ def test_model_without_middle_block_is_refused(host, checkpoints):
 
     m = model.clone()
     m.add_object_patch("diffusion_model", NoMiddle(model.model.diffusion_model))
-    from z2i.tests.helpers import GaussianDenoiser  # noqa: F401  (keeps helpers importable here)
     node = host.node_classes["Z2I_HDirectionFromPrompts"]
     with pytest.raises(ValueError, match=r"input 'model': this UNet has no middle block"):
         node.execute(model=m, inversion=None, target=[])

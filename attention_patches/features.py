@@ -1,0 +1,43 @@
+"""Capture of UNet token features for contrastive guidance (pix2pix-zeroCon Eq. 15-16; CDS's choice of layer).
+
+`attn1_output_capture` is a ComfyUI attn1_output_patch (after the self-attention's output projection, before
+the residual add). It stores the features of the sites a per-call `FeatureCall` asks for, per cond index,
+with their spatial size; with keep_graph the autograd graph is kept for the guidance loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .sites import Site
+
+FEATURE_KEY = "z2i_feature_call"
+
+
+@dataclass
+class FeatureCall:
+    sites: Optional[frozenset] = None
+    keep_graph: bool = False
+    conds: frozenset = frozenset({0})
+    features: dict = field(default_factory=dict)     # (site, cond) -> (tensor [b, N, C], (h, w))
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def attn1_output_capture(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    call: Optional[FeatureCall] = extra_options.get(FEATURE_KEY)
+    if call is None:
+        return n
+    block = extra_options.get("block", ("?", -1))
+    site = Site(block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+    if call.sites is not None and site not in call.sites:
+        return n
+    hw = tuple(extra_options.get("activations_shape", [0, 0, 0, 0])[-2:])
+    cou = list(extra_options.get("cond_or_uncond") or [0])
+    for ci, chunk in zip(cou, n.chunk(len(cou))):
+        if ci in call.conds:
+            call.features[(site, ci)] = (chunk if call.keep_graph else chunk.detach(), hw)
+    return n
