@@ -19,6 +19,15 @@ OUT = REPO / "workflows"
 STANDARD_CKPT = "v1-5-pruned-emaonly.safetensors"
 EXAMPLE_IMAGE = "z2i_example.png"
 
+
+
+def inversion(positive: str, steps: int = 50, regularize: bool = False) -> dict:
+    """The DDIM Inversion inputs every editing workflow shares (caption, VAE-encoded image, cfg 1)."""
+    return {"model": ("ckpt", 0), "positive": (positive, 0), "latent": ("encode", 0), "steps": steps,
+            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
+            "refine_iterations": 0, "regularize": regularize, "reg_lambda": 20.0, "reg_iterations": 5, "reg_seed": 0}
+
+
 # Each node: (key, class_type, {input: value | (key, output_slot)}, optional title)
 WORKFLOWS: dict[str, dict] = {
     "z2i_ddim_img2img": {
@@ -64,11 +73,7 @@ WORKFLOWS: dict[str, dict] = {
             ("pos", "CLIPTextEncode", {"text": "a red square in a garden", "clip": ("ckpt", 1)},
              "Source prompt (caption)"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
-                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False)),
             ("sampler", "Z2I_DDIMSampler", {"eta": 0.0}),
             ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 1.0,
                                          "positive": ("pos", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
@@ -93,11 +98,7 @@ WORKFLOWS: dict[str, dict] = {
             ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
              "Source prompt (caption)"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
-                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": True, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
             ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
                                                 "num_sentences": 100, "seed": 0}),
             ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
@@ -131,11 +132,7 @@ WORKFLOWS: dict[str, dict] = {
             ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
              "Target prompt (word swapped)"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
-                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False)),
             ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
                                      "caption": "a photo of a cat sitting on a sofa", "word": "cat",
                                      "token_level": 2, "mask_level": 0}),
@@ -170,11 +167,7 @@ WORKFLOWS: dict[str, dict] = {
             ("src", "CLIPTextEncode", {"text": "a photo of a face", "clip": ("ckpt", 1)}, "Caption (source)"),
             ("tgt", "CLIPTextEncode", {"text": "a photo of a smiling face", "clip": ("ckpt", 1)}, "Target"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("src", 0), "latent": ("encode", 0),
-                                             "steps": 40, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("src", steps=40, regularize=False)),
             ("direction", "Z2I_HDirectionFromPrompts", {"model": ("ckpt", 0), "inversion": ("invert", 1),
                                                         "target": ("tgt", 0)}),
             ("sampler", "Z2I_AsyrpSampler", {"direction": ("direction", 0), "scale": 1.0, "unit": "percent",
@@ -200,11 +193,7 @@ WORKFLOWS: dict[str, dict] = {
             ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
              "Source prompt (caption)"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
-                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": True, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
             ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
                                                 "num_sentences": 100, "seed": 0}),
             ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
@@ -236,11 +225,7 @@ WORKFLOWS: dict[str, dict] = {
             ("tgt", "CLIPTextEncode", {"text": "a watercolor painting of a red square in a garden",
                                        "clip": ("ckpt", 1)}, "Target prompt"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("src", 0), "latent": ("encode", 0),
-                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": False, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("src", steps=50, regularize=False)),
             ("sampler", "Z2I_AGGSampler", {"inversion": ("invert", 1), "lambda_reg": 0.1, "guided_until": 0.3,
                                            "masked_until": 0.8, "dds_steps": 10, "dds_lr": 0.01, "eta": 0.0}),
             ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 7.5,
@@ -248,6 +233,35 @@ WORKFLOWS: dict[str, dict] = {
                                          "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
             ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_agg"}),
+        ],
+    },
+    "z2i_pix2pix_zerocon": {
+        "note": (
+            "pix2pix-zeroCon (Si et al.): pix2pix-zero plus a contrastive (PatchNCE / CUT) loss between UNet "
+            "features of the reference and the edit at the same locations, which keeps local content.\n\n"
+            "What to change: the image, its caption, the words; lambda_step (0.05-0.15; the paper finds smaller "
+            "better), lambda_c / lambda_e (the weights of the two losses), feature_layers ('output' = decoder "
+            "self-attention as the CDS code; 'input' = encoder, as the paper says). Keep the caption as the "
+            "negative prompt and cfg about 5."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
+            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
+                                                "num_sentences": 100, "seed": 0}),
+            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
+                                                  "strength": 1.0}),
+            ("sampler", "Z2I_Pix2PixZeroConSampler", {"lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5,
+                                                      "feature_layers": "output", "n_patches": 256, "tau": 0.07,
+                                                      "seed": 0, "layers": "input,middle,output"}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zerocon"}),
         ],
     },
     "z2i_pix2pix_zero_naive": {
@@ -267,11 +281,7 @@ WORKFLOWS: dict[str, dict] = {
             ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
              "Source prompt (caption)"),
             ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", {"model": ("ckpt", 0), "positive": ("pos", 0), "latent": ("encode", 0),
-                                             "steps": 50, "scheduler": "ddim_uniform", "variant": "current level",
-                                             "cfg": 1.0, "denoise": 1.0, "refine_iterations": 0,
-                                             "regularize": True, "reg_lambda": 20.0, "reg_iterations": 5,
-                                             "reg_seed": 0}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
             ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
                                                 "num_sentences": 100, "seed": 0}),
             ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
