@@ -269,7 +269,7 @@ def write_markdown(path: Path, results: list, args) -> None:
               "kept for the backward pass and the one step of reference maps.",
               "- The tiny model's 8x8 and 16x16 latents make fixed per-step overheads (callbacks, previews) a "
               "larger share than on a real model at 512 px; ratios near 1 are within the noise of a shared "
-              "2-core machine (run-to-run spread is several percent)."]
+              "2-core machine: the spread reaches 10-15% (compare the Z2I DDIM rows, which do exactly core's work)."]
     lines += ["", "Not measured yet: the diffusers StableDiffusionPix2PixZeroPipeline comparison.", ""]
     path.write_text("\n".join(lines))
 
