@@ -202,3 +202,41 @@ def make_tiny_blip(out_dir) -> None:
     torch.manual_seed(0)
     BlipForConditionalGeneration(cfg).save_pretrained(out_dir)
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out_dir)
+
+
+# -- editing graphs -------------------------------------------------------------------------------------------
+def inverted_image_graph(ckpt: str, caption: str, key: str = "pos", steps: int = 4, batch: int = 1, size: int = 64,
+                         model=("ckpt", 0)) -> dict:
+    """ckpt -> caption `key` -> the example image scaled to `size` and repeated `batch` times -> VAEEncode ->
+    Z2I DDIM Inversion ("inv": noise, inversion, sigmas). Editing tests add their sampler on top."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        key: {"class_type": "CLIPTextEncode", "inputs": {"text": caption, "clip": ["ckpt", 1]}},
+        "img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
+        "scale": {"class_type": "ImageScale", "inputs": {"image": ["img", 0], "upscale_method": "bilinear",
+                                                         "width": size, "height": size, "crop": "disabled"}},
+        "rep": {"class_type": "RepeatImageBatch", "inputs": {"image": ["scale", 0], "amount": batch}},
+        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["rep", 0], "vae": ["ckpt", 2]}},
+        "inv": {"class_type": "Z2I_DDIMInversion", "inputs": {
+            "model": list(model), "positive": [key, 0], "latent": ["enc", 0], "steps": steps,
+            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
+            "refine_iterations": 0, "regularize": False, "reg_lambda": 20.0, "reg_iterations": 1, "reg_seed": 0}},
+    }
+
+
+def run_sampler_with_stats(host, prompt: dict, positive: str, negative: str, cfg: float, **options):
+    """Run the graph's "sampler" node function directly through ComfyUI's sample_custom from the graph's
+    inversion, with extra sampler options (stats, probes): returns (samples, stats)."""
+    import comfy.sample
+    import comfy.samplers
+    res = host.run_prompt(prompt, targets=["sampler", "inv", positive, negative, "ckpt"])
+    node = res.output("sampler", 0)
+    stats: dict = {}
+    sampler = comfy.samplers.KSAMPLER(node.sampler_function,
+                                      extra_options={**node.extra_options, "stats": stats, **options})
+    noise = res.output("inv", 0)["samples"]
+    with torch.inference_mode():
+        out = comfy.sample.sample_custom(res.output("ckpt", 0), torch.zeros_like(noise), cfg, sampler,
+                                         res.output("inv", 2), res.output(positive, 0), res.output(negative, 0),
+                                         noise)
+    return out, stats

@@ -5,44 +5,28 @@ import pytest
 import safetensors.torch
 import torch
 
+from z2i.tests.helpers import inverted_image_graph, run_sampler_with_stats
+
 pytestmark = pytest.mark.host
 
 
 def graph(ckpt, weight=0.1, steps=4, model=("ckpt", 0), sampler=None):
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "src": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat on a sofa", "clip": ["ckpt", 1]}},
+    p = inverted_image_graph(ckpt, "a photo of a cat on a sofa", key="src", steps=steps, model=model)
+    p.update({
         "tgt": {"class_type": "CLIPTextEncode", "inputs": {"text": "a watercolor painting of a cat on a sofa",
                                                            "clip": ["ckpt", 1]}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
-        "scale": {"class_type": "ImageScale", "inputs": {"image": ["img", 0], "upscale_method": "bilinear",
-                                                         "width": 64, "height": 64, "crop": "disabled"}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["scale", 0], "vae": ["ckpt", 2]}},
-        "inv": {"class_type": "Z2I_DDIMInversion", "inputs": {
-            "model": list(model), "positive": ["src", 0], "latent": ["enc", 0], "steps": steps,
-            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
-            "refine_iterations": 0, "regularize": False, "reg_lambda": 20.0, "reg_iterations": 1, "reg_seed": 0}},
         "sampler": sampler or {"class_type": "Z2I_AGGSampler", "inputs": {
             "inversion": ["inv", 1], "lambda_reg": weight, "guided_until": 1.0, "masked_until": 1.0,
             "dds_steps": 10, "dds_lr": 0.01, "eta": 0.0}},
         "s": {"class_type": "SamplerCustom", "inputs": {
             "model": list(model), "add_noise": False, "noise_seed": 0, "cfg": 5.0, "positive": ["tgt", 0],
             "negative": ["src", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}},
-    }
+    })
+    return p
 
 
 def run_with_stats(host, p):
-    import comfy.sample
-    import comfy.samplers
-    res = host.run_prompt(p, targets=["sampler", "inv", "src", "tgt", "ckpt"])
-    node = res.output("sampler", 0)
-    stats = {}
-    sampler = comfy.samplers.KSAMPLER(node.sampler_function, extra_options={**node.extra_options, "stats": stats})
-    noise = res.output("inv", 0)["samples"]
-    with torch.inference_mode():
-        out = comfy.sample.sample_custom(res.output("ckpt", 0), torch.zeros_like(noise), 5.0, sampler,
-                                         res.output("inv", 2), res.output("tgt", 0), res.output("src", 0), noise)
-    return out, stats
+    return run_sampler_with_stats(host, p, "tgt", "src", 5.0)
 
 
 def test_zero_guidance_is_plain_ddim(host, checkpoints):

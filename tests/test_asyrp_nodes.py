@@ -2,22 +2,15 @@
 import pytest
 import torch
 
+from z2i.tests.helpers import inverted_image_graph, run_sampler_with_stats
+
 pytestmark = pytest.mark.host
 
 
 def graph(ckpt, scale=1.0, steps=4, boost_from=1.0, sampler=None, size=64):
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "src": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a face", "clip": ["ckpt", 1]}},
+    p = inverted_image_graph(ckpt, "a photo of a face", key="src", steps=steps, size=size)
+    p.update({
         "tgt": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a smiling face", "clip": ["ckpt", 1]}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
-        "scale": {"class_type": "ImageScale", "inputs": {"image": ["img", 0], "upscale_method": "bilinear",
-                                                         "width": size, "height": size, "crop": "disabled"}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["scale", 0], "vae": ["ckpt", 2]}},
-        "inv": {"class_type": "Z2I_DDIMInversion", "inputs": {
-            "model": ["ckpt", 0], "positive": ["src", 0], "latent": ["enc", 0], "steps": steps,
-            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
-            "refine_iterations": 0, "regularize": False, "reg_lambda": 20.0, "reg_iterations": 1, "reg_seed": 0}},
         "dir": {"class_type": "Z2I_HDirectionFromPrompts", "inputs": {"model": ["ckpt", 0], "inversion": ["inv", 1],
                                                                       "target": ["tgt", 0]}},
         "sampler": sampler or {"class_type": "Z2I_AsyrpSampler", "inputs": {
@@ -26,22 +19,12 @@ def graph(ckpt, scale=1.0, steps=4, boost_from=1.0, sampler=None, size=64):
         "s": {"class_type": "SamplerCustom", "inputs": {
             "model": ["ckpt", 0], "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["src", 0],
             "negative": ["src", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}},
-    }
+    })
+    return p
 
 
 def run_with_stats(host, p):
-    import comfy.sample
-    import comfy.samplers
-    res = host.run_prompt(p, targets=["sampler", "inv", "src", "ckpt"])
-    node_sampler = res.output("sampler", 0)
-    stats = {}
-    sampler = comfy.samplers.KSAMPLER(node_sampler.sampler_function,
-                                      extra_options={**node_sampler.extra_options, "stats": stats})
-    noise = res.output("inv", 0)["samples"]
-    with torch.inference_mode():
-        out = comfy.sample.sample_custom(res.output("ckpt", 0), torch.zeros_like(noise), 1.0, sampler,
-                                         res.output("inv", 2), res.output("src", 0), res.output("src", 0), noise)
-    return out, stats
+    return run_sampler_with_stats(host, p, "src", "src", 1.0)
 
 
 def test_derived_direction_shape_and_meta(host, checkpoints):

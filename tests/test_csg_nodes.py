@@ -2,25 +2,17 @@
 import pytest
 import torch
 
+from z2i.tests.helpers import inverted_image_graph
+
 pytestmark = pytest.mark.host
 
 CAPTION, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
 
 
 def graph(ckpt, lambda_pre=15.0, mixup=True, batch=1, steps=4, sampler=None, mask_level=0):
-    p = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": CAPTION, "clip": ["ckpt", 1]}},
+    p = inverted_image_graph(ckpt, CAPTION, steps=steps, batch=batch)
+    p.update({
         "tgt": {"class_type": "CLIPTextEncode", "inputs": {"text": TARGET, "clip": ["ckpt", 1]}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
-        "scale": {"class_type": "ImageScale", "inputs": {"image": ["img", 0], "upscale_method": "bilinear",
-                                                         "width": 64, "height": 64, "crop": "disabled"}},
-        "rep": {"class_type": "RepeatImageBatch", "inputs": {"image": ["scale", 0], "amount": batch}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["rep", 0], "vae": ["ckpt", 2]}},
-        "inv": {"class_type": "Z2I_DDIMInversion", "inputs": {
-            "model": ["ckpt", 0], "positive": ["pos", 0], "latent": ["enc", 0], "steps": steps,
-            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
-            "refine_iterations": 0, "regularize": False, "reg_lambda": 20.0, "reg_iterations": 1, "reg_seed": 0}},
         "mask": {"class_type": "Z2I_CSGMask", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1], "caption": CAPTION, "word": "cat",
             "token_level": 1, "mask_level": mask_level}},
@@ -32,7 +24,7 @@ def graph(ckpt, lambda_pre=15.0, mixup=True, batch=1, steps=4, sampler=None, mas
         "s": {"class_type": "SamplerCustom", "inputs": {
             "model": ["mix", 0], "add_noise": False, "noise_seed": 0, "cfg": 5.0, "positive": ["tgt", 0],
             "negative": ["pos", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}},
-    }
+    })
     return p
 
 

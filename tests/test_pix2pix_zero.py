@@ -4,33 +4,25 @@ import pytest
 import torch
 
 from z2i.attention_patches.probs import attention_with_probs
+from z2i.tests.helpers import inverted_image_graph, run_sampler_with_stats
 
 pytestmark = pytest.mark.host
 
 
 def graph(ckpt, lam, steps=4, batch=1, sampler=None):
-    return {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat on a sofa", "clip": ["ckpt", 1]}},
+    p = inverted_image_graph(ckpt, "a photo of a cat on a sofa", steps=steps, batch=batch)
+    p.update({
         "dir": {"class_type": "Z2I_EditDirection",
                 "inputs": {"clip": ["ckpt", 1], "source": "cat", "target": "dog", "num_sentences": 4, "seed": 0}},
         "edit": {"class_type": "Z2I_ApplyEditDirection",
                  "inputs": {"conditioning": ["pos", 0], "direction": ["dir", 0], "strength": 1.0}},
-        "img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
-        "scale": {"class_type": "ImageScale", "inputs": {"image": ["img", 0], "upscale_method": "bilinear",
-                                                         "width": 64, "height": 64, "crop": "disabled"}},
-        "rep": {"class_type": "RepeatImageBatch", "inputs": {"image": ["scale", 0], "amount": batch}},
-        "enc": {"class_type": "VAEEncode", "inputs": {"pixels": ["rep", 0], "vae": ["ckpt", 2]}},
-        "inv": {"class_type": "Z2I_DDIMInversion", "inputs": {
-            "model": ["ckpt", 0], "positive": ["pos", 0], "latent": ["enc", 0], "steps": steps,
-            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
-            "refine_iterations": 0, "regularize": False, "reg_lambda": 20.0, "reg_iterations": 1, "reg_seed": 0}},
         "sampler": sampler or {"class_type": "Z2I_Pix2PixZeroSampler",
                                "inputs": {"xa_guidance": lam, "layers": "input,middle,output", "map_precision": "fp32"}},
         "s": {"class_type": "SamplerCustom", "inputs": {
             "model": ["ckpt", 0], "add_noise": False, "noise_seed": 0, "cfg": 5.0, "positive": ["edit", 0],
             "negative": ["pos", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}},
-    }
+    })
+    return p
 
 
 def test_replacement_attention_equals_comfy_optimized(host, checkpoints):
@@ -61,20 +53,9 @@ def test_zero_guidance_is_plain_ddim_with_the_edited_prompt(host, checkpoints):
 
 
 def _run_with_stats(host, checkpoints, lam, batch=1, steps=4):
-    """Run the node's own sampler function with stats and the after-step loss probe switched on."""
-    import comfy.sample
-    import comfy.samplers
-    res = host.run_prompt(graph(checkpoints["sd15"], lam, steps=steps, batch=batch),
-                          targets=["sampler", "inv", "edit", "pos", "ckpt"])
-    node_sampler = res.output("sampler", 0)
-    stats = {}
-    sampler = comfy.samplers.KSAMPLER(node_sampler.sampler_function,
-                                      extra_options={**node_sampler.extra_options, "stats": stats, "check_loss": True})
-    noise = res.output("inv", 0)["samples"]
-    with torch.inference_mode():
-        out = comfy.sample.sample_custom(res.output("ckpt", 0), torch.zeros_like(noise), 5.0, sampler,
-                                         res.output("inv", 2), res.output("edit", 0), res.output("pos", 0), noise)
-    return out, stats
+    """The node's own sampler function with stats and the after-step loss probe switched on."""
+    return run_sampler_with_stats(host, graph(checkpoints["sd15"], lam, steps=steps, batch=batch), "edit", "pos",
+                                  5.0, check_loss=True)
 
 
 def test_one_step_lowers_the_cross_attention_loss_and_memory_is_one_step(host, checkpoints):

@@ -28,6 +28,29 @@ def inversion(positive: str, steps: int = 50, regularize: bool = False) -> dict:
             "refine_iterations": 0, "regularize": regularize, "reg_lambda": 20.0, "reg_iterations": 5, "reg_seed": 0}
 
 
+def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: str) -> list:
+    """The pix2pix-zero family graph: caption inversion (regularised), cat -> dog edit direction on the caption,
+    SamplerCustom with the caption as negative (cfg 5), `sampler` the only difference between the methods."""
+    return [
+        ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": ckpt}),
+        ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+        ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+         "Source prompt (caption)"),
+        ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+        ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
+        ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
+                                            "num_sentences": 100, "seed": 0}),
+        ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
+                                              "strength": 1.0}),
+        ("sampler", sampler, sampler_inputs),
+        ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                     "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                     "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+        ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+        ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": prefix}),
+    ]
+
+
 # Each node: (key, class_type, {input: value | (key, output_slot)}, optional title)
 WORKFLOWS: dict[str, dict] = {
     "z2i_ddim_img2img": {
@@ -92,25 +115,9 @@ WORKFLOWS: dict[str, dict] = {
             "edit's cross-attention maps toward the reference's (xa_guidance 0.1, as the paper's code).\n\n"
             "What to change: the image, its caption, the source/target words, strength, xa_guidance (raise by "
             "0.05 if structure is lost), steps (50-100). Keep the caption as the negative prompt and cfg about 5."),
-        "nodes": [
-            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
-            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-             "Source prompt (caption)"),
-            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
-            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
-                                                "num_sentences": 100, "seed": 0}),
-            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
-                                                  "strength": 1.0}),
-            ("sampler", "Z2I_Pix2PixZeroSampler", {"xa_guidance": 0.1, "layers": "input,middle,output",
-                                                   "map_precision": "fp32"}),
-            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
-                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
-                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
-            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
-            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zero"}),
-        ],
+        "nodes": pix2pix_zero_nodes(
+            STANDARD_CKPT, "Z2I_Pix2PixZeroSampler",
+            {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_pix2pix_zero"),
     },
     "z2i_csg": {
         "note": (
@@ -187,25 +194,9 @@ WORKFLOWS: dict[str, dict] = {
             "What to change: the image (1024 px works best), its caption, the words, xa_guidance, steps. "
             "SDXL's cross-attention is far larger than SD1.5's: on small GPUs restrict 'layers' (e.g. "
             "'middle,output') or use map_precision fp16."),
-        "nodes": [
-            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}),
-            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-             "Source prompt (caption)"),
-            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
-            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
-                                                "num_sentences": 100, "seed": 0}),
-            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
-                                                  "strength": 1.0}),
-            ("sampler", "Z2I_Pix2PixZeroSampler", {"xa_guidance": 0.1, "layers": "input,middle,output",
-                                                   "map_precision": "fp32"}),
-            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
-                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
-                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
-            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
-            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_sdxl_pix2pix_zero"}),
-        ],
+        "nodes": pix2pix_zero_nodes(
+            "sd_xl_base_1.0.safetensors", "Z2I_Pix2PixZeroSampler",
+            {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_sdxl_pix2pix_zero"),
     },
     "z2i_agg": {
         "note": (
@@ -243,26 +234,10 @@ WORKFLOWS: dict[str, dict] = {
             "better), lambda_c / lambda_e (the weights of the two losses), feature_layers ('output' = decoder "
             "self-attention as the CDS code; 'input' = encoder, as the paper says). Keep the caption as the "
             "negative prompt and cfg about 5."),
-        "nodes": [
-            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
-            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-             "Source prompt (caption)"),
-            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
-            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
-                                                "num_sentences": 100, "seed": 0}),
-            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
-                                                  "strength": 1.0}),
-            ("sampler", "Z2I_Pix2PixZeroConSampler", {"lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5,
-                                                      "feature_layers": "output", "n_patches": 256, "tau": 0.07,
-                                                      "seed": 0, "layers": "input,middle,output"}),
-            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
-                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
-                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
-            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
-            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zerocon"}),
-        ],
+        "nodes": pix2pix_zero_nodes(
+            STANDARD_CKPT, "Z2I_Pix2PixZeroConSampler",
+            {"lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output", "n_patches": 256,
+             "tau": 0.07, "seed": 0, "layers": "input,middle,output"}, "z2i_pix2pix_zerocon"),
     },
     "z2i_pix2pix_zero_naive": {
         "note": (
@@ -275,24 +250,7 @@ WORKFLOWS: dict[str, dict] = {
             "- strength: how far to edit (1 = the paper).\n"
             "- cfg 5 with the caption as negative prompt, as the pix2pix-zero code does.\n"
             "- Without guidance the structure can drift; the guided pix2pix-zero workflow keeps it."),
-        "nodes": [
-            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
-            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-             "Source prompt (caption)"),
-            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
-            ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
-                                                "num_sentences": 100, "seed": 0}),
-            ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
-                                                  "strength": 1.0}),
-            ("sampler", "Z2I_DDIMSampler", {"eta": 0.0}),
-            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
-                                         "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
-                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
-            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
-            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_pix2pix_zero_naive"}),
-        ],
+        "nodes": pix2pix_zero_nodes(STANDARD_CKPT, "Z2I_DDIMSampler", {"eta": 0.0}, "z2i_pix2pix_zero_naive"),
     },
 }
 
