@@ -13,6 +13,10 @@ inversion saved at the same level:
 4. Asymmetric update (Eq. 13/17): x_{t-1} from x0' in the x0 term and the *original* eps in the direction
    term, with optional eta (the paper's sigma_t).
 lambda_reg = 0 is exactly DDIM.
+
+Optional style loss (App. B Eq. 21-22): any extra differentiable loss of x0 (`extra_loss`, e.g. the CLIP loss
+on the VAE-decoded x0 in guidance/clip_loss.py) is added to the L1 term in both the MCG gradient and the DDS
+refinement: l_total = lambda_sty l_sty(x0) + lambda_reg l_reg (Eq. 15).
 """
 from __future__ import annotations
 
@@ -28,31 +32,43 @@ def l1_regularizer(x0: torch.Tensor, target: torch.Tensor, weight: float) -> tor
     return weight * (x0 - target).abs().mean()
 
 
-def mcg_x0(x: torch.Tensor, sigma, denoise: Callable, target: torch.Tensor, weight: float):
+def total_loss(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float,
+               extra_loss: Optional[Callable] = None) -> torch.Tensor:
+    """Eq. 15: lambda_reg * L1(x0, x0*) (when there is a target) + the optional style loss of x0."""
+    loss = x0.new_zeros(())
+    if target is not None and weight != 0:
+        loss = loss + l1_regularizer(x0, target.detach().float(), weight)
+    if extra_loss is not None:
+        loss = loss + extra_loss(x0)
+    return loss
+
+
+def mcg_x0(x: torch.Tensor, sigma, denoise: Callable, target: Optional[torch.Tensor], weight: float,
+           extra_loss: Optional[Callable] = None):
     """Steps 1 of AGG: (D, x0_bar, loss) where x0_bar = D - sigma^2 * grad_x l(D(x)) (eps_tilde in the x0 term)."""
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         d = denoise(xg)
-        loss = l1_regularizer(d.float(), target.detach().float(), weight)
+        loss = total_loss(d.float(), target, weight, extra_loss)
         grad, = torch.autograd.grad(loss, xg)
     d = d.detach()
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return d, d - append_dims(s * s, x.ndim) * grad.to(x.dtype), float(loss.detach())
 
 
-def dds_refine(x0: torch.Tensor, target: torch.Tensor, weight: float, lr: float = 0.01, steps: int = 10,
-               losses: Optional[list] = None) -> torch.Tensor:
+def dds_refine(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float, lr: float = 0.01, steps: int = 10,
+               losses: Optional[list] = None, extra_loss: Optional[Callable] = None) -> torch.Tensor:
     """Step 2: AdamW on Delta over x0 against the same loss, without the UNet. Returns x0 + Delta*."""
-    if steps <= 0 or weight == 0:
+    if steps <= 0 or ((target is None or weight == 0) and extra_loss is None):
         return x0
     with torch.inference_mode(False), torch.enable_grad():
         base = x0.detach().clone().float()
-        tgt = target.detach().clone().float()
+        tgt = None if target is None else target.detach().clone().float()
         delta = torch.zeros_like(base, requires_grad=True)
         opt = torch.optim.AdamW([delta], lr=lr)
         for _ in range(steps):
             opt.zero_grad()
-            loss = l1_regularizer(base + delta, tgt, weight)
+            loss = total_loss(base + delta, tgt, weight, extra_loss)
             if losses is not None:
                 losses.append(float(loss.detach()))
             loss.backward()
@@ -63,21 +79,25 @@ def dds_refine(x0: torch.Tensor, target: torch.Tensor, weight: float, lr: float 
 
 def agg_step(x: torch.Tensor, sigma, sigma_next, denoise: Callable, target: Optional[torch.Tensor], weight: float,
              dds_lr: float = 0.01, dds_steps: int = 10, object_mask: Optional[torch.Tensor] = None,
-             eta: float = 0.0, noise: Optional[torch.Tensor] = None, stats: Optional[dict] = None):
-    """One reverse step -> (x_next, x0 used). `object_mask` [B or 1, H, W] (1 = object): Eq. 19's middle phase."""
-    if target is None or weight == 0:
+             eta: float = 0.0, noise: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
+             extra_loss: Optional[Callable] = None):
+    """One reverse step -> (x_next, x0 used). `object_mask` [B or 1, H, W] (1 = object): Eq. 19's middle phase.
+    `extra_loss(x0) -> scalar`: the optional style term of Eq. 15, added to the L1 regulariser."""
+    if (target is None or weight == 0) and extra_loss is None:
         d = denoise(x)
         x0 = d
     else:
-        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight)
+        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight, extra_loss)
         dds_losses = [] if stats is not None else None
-        x0 = dds_refine(x0_bar, target, weight, dds_lr, dds_steps, dds_losses)
+        x0 = dds_refine(x0_bar, target, weight, dds_lr, dds_steps, dds_losses, extra_loss)
         if object_mask is not None:
             m = object_mask[:, None].to(x0)
             x0 = (1 - m) * x0 + m * d
         if stats is not None:
             stats.setdefault("mcg_loss", []).append(loss)
-            stats.setdefault("mcg_loss_after", []).append(float(l1_regularizer(x0_bar, target, weight)))
+            with torch.inference_mode(False), torch.no_grad():
+                after = total_loss(x0_bar.float(), target, weight, extra_loss)
+            stats.setdefault("mcg_loss_after", []).append(float(after))
             stats.setdefault("dds_losses", []).append(dds_losses)
     if float(sigma_next) == 0:
         return x0, x0

@@ -4,11 +4,11 @@ Each module declares its nodes and ends with `NODES = [...]`; the extension list
 """
 from comfy_api.latest import ComfyExtension, io
 
-from . import agg, attention, caption, csg, edit, hspace, inversion, sampling
+from . import agg, attention, caption, clip_models, csg, edit, hspace, inversion, sampling
 
 NODES: list[type[io.ComfyNode]] = [
     *sampling.NODES, *inversion.NODES, *edit.NODES, *caption.NODES, *attention.NODES, *csg.NODES, *hspace.NODES,
-    *agg.NODES,
+    *agg.NODES, *clip_models.NODES,
 ]
 
 

@@ -1,23 +1,27 @@
 """Z2I_AGGSampler: asymmetric gradient guidance toward the inversion's x0 estimates (latent-diffusion AGG)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import comfy.samplers
+import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
+from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import seeded_noise_sampler
 from ._host import Z2IInputError, interruptible
+from .clip_models import ClipLossModelType, image_decoder
 from .types import InversionType
 
 NODE = "Z2I AGG Sampler"
 
 
 def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, weight=0.1,
-            dds_lr=0.01, dds_steps=10, guided_until=0.2, masked_until=0.8, object_mask=None, eta=0.0, stats=None):
+            dds_lr=0.01, dds_steps=10, guided_until=0.2, masked_until=0.8, object_mask=None, eta=0.0, stats=None,
+            style=None):
     extra_args = extra_args or {}
     traj = inversion.trajectory
     n = len(sigmas) - 1
@@ -28,8 +32,11 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     s_in = x.new_ones([x.shape[0]])
     noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if eta > 0 else None
     cb = interruptible(callback)
-    unet = model.inner_model.inner_model.diffusion_model
-    with autograd_parameters(unet) if weight != 0 else nullcontext():
+    base = model.inner_model.inner_model
+    with ExitStack() as stack:
+        if weight != 0 or style is not None:
+            stack.enter_context(autograd_parameters(base.diffusion_model))
+        extra_loss = _style_loss(stack, style, base, traj, x, extra_args.get("seed")) if style else None
         for i in range(n):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             guided = i < e1 or (mask is not None and i < e2)
@@ -44,10 +51,25 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             noise = noise_sampler(sigma, sigma_next) if eta > 0 and float(sigma_next) > 0 else None
             x_next, x0 = agg_step(
                 x, sigma, sigma_next, lambda xx, s=sigma: model(xx, s * s_in, **extra_args), target, weight,
-                dds_lr, dds_steps, mask if (mask is not None and i >= e1) else None, eta, noise, stats)
+                dds_lr, dds_steps, mask if (mask is not None and i >= e1) else None, eta, noise, stats,
+                extra_loss if guided else None)
             cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
             x = x_next
     return x
+
+
+def _style_loss(stack: ExitStack, style: dict, base, traj, x, seed):
+    """AGG Eq. 21-22 on the VAE-decoded x0: -cos(v_trg, E_I(cutouts(decode(x0)))) times lambda_style."""
+    decode = image_decoder(style["vae"], base, NODE)
+    stack.enter_context(autograd_parameters(style["vae"].first_stage_model))
+    enc = style["model"]
+    with torch.inference_mode(False), torch.no_grad():
+        e_src = enc.encode_image(decode(traj.latents[0].to(x)))        # the source image x_src
+        t = enc.encode_text([style["source"], style["target"]])
+    v_trg = agg_target_vector(e_src, t[:1], t[1:])
+    gen = torch.Generator().manual_seed(int(seed or 0))                  # the cutouts follow noise_seed
+    weight, cuts = style["weight"], style["cutouts"]
+    return lambda x0: weight * agg_clip_loss(enc, decode(x0), v_trg, cuts, gen)
 
 
 class AGGSampler(io.ComfyNode):
@@ -85,6 +107,21 @@ class AGGSampler(io.ComfyNode):
                 io.Mask.Input("object_mask", optional=True,
                               tooltip="White where the edited object is (e.g. 1 - CSG Content Mask's background). "
                                       "Enables Eq. 19's background-only phase."),
+                ClipLossModelType.Input("style_clip", optional=True,
+                                        tooltip="Optional text style loss (App. B Eq. 21-22): an open_clip model "
+                                                "from Load open_clip. Needs vae, style_source and style_target."),
+                io.Vae.Input("vae", optional=True, tooltip="The checkpoint's VAE: the style loss sees decoded x0."),
+                io.String.Input("style_source", default="a photo", optional=True,
+                                tooltip="Text describing the input image (d_src of Eq. 22)."),
+                io.String.Input("style_target", default="an oil painting", optional=True,
+                                tooltip="Text describing the wanted look (d_trg). Lets you edit without a target "
+                                        "prompt: give SamplerCustom the source prompt."),
+                io.Float.Input("lambda_style", default=1.0, min=0.0, max=10000.0, step=0.1, optional=True,
+                               tooltip="Weight of the CLIP style loss (lambda_sty of Eq. 15). Each guided step "
+                                       "then decodes x0 and backpropagates through the VAE decoder and CLIP."),
+                io.Int.Input("cutouts", default=8, min=0, max=64, optional=True,
+                             tooltip="Random crops of decoded x0 seen by CLIP per evaluation (the AGG code: 8); "
+                                     "0 = the whole image. Crops follow the sampler node's noise_seed."),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
@@ -92,13 +129,24 @@ class AGGSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, inversion, lambda_reg, guided_until, masked_until, dds_steps, dds_lr, eta,
-                object_mask=None) -> io.NodeOutput:
+                object_mask=None, style_clip=None, vae=None, style_source="a photo", style_target="an oil painting",
+                lambda_style=1.0, cutouts=8) -> io.NodeOutput:
         if object_mask is not None and object_mask.ndim == 2:
             object_mask = object_mask[None]
+        style = None
+        if style_clip is not None and lambda_style > 0:
+            if vae is None:
+                raise Z2IInputError(NODE, "vae", "the CLIP style loss needs the VAE to decode x0",
+                                    "connect the checkpoint loader's VAE")
+            if not style_target.strip():
+                raise Z2IInputError(NODE, "style_target", "is empty", "describe the wanted look, e.g. "
+                                    "'an oil painting'")
+            style = {"model": style_clip, "vae": vae, "source": style_source, "target": style_target,
+                     "weight": float(lambda_style), "cutouts": int(cutouts)}
         return io.NodeOutput(comfy.samplers.KSAMPLER(_agg_fn, extra_options={
             "inversion": inversion, "weight": float(lambda_reg), "dds_lr": float(dds_lr), "dds_steps": int(dds_steps),
             "guided_until": float(guided_until), "masked_until": float(masked_until), "object_mask": object_mask,
-            "eta": float(eta)}))
+            "eta": float(eta), "style": style}))
 
 
 NODES = [AGGSampler]

@@ -88,3 +88,59 @@ def test_lora_patched_model(host, checkpoints, lora_file, sampler):
     base = host.run_prompt(graph(checkpoints["sd15"]) if sampler == "agg" else {
         **p, "s": {**p["s"], "inputs": {**p["s"]["inputs"], "model": ["ckpt", 0]}}}, targets=["s"]).output("s", 0)
     assert not torch.equal(out, base["samples"])            # the LoRA is in effect
+
+
+def style_graph(ckpt, lambda_reg=0.1, lambda_style=1.0, cutouts=0):
+    p = graph(ckpt, weight=lambda_reg)
+    p["oc"] = {"class_type": "Z2I_OpenCLIPLoader", "inputs": {"name": "z2i-tiny-clip.safetensors",
+                                                              "architecture": "auto (config beside the weights)"}}
+    p["sampler"]["inputs"].update({"style_clip": ["oc", 0], "vae": ["ckpt", 2], "style_source": "a photo",
+                                   "style_target": "an oil painting", "lambda_style": lambda_style,
+                                   "cutouts": cutouts})
+    p["s"]["inputs"]["positive"] = ["src", 0]          # text-guided without a target prompt
+    return p
+
+
+def test_clip_style_loss_descends_through_vae_and_unet(host, checkpoints):
+    out, stats = run_sampler_with_stats(host, style_graph(checkpoints["sd15"], lambda_reg=0.0), "src", "src", 5.0)
+    assert len(stats["mcg_loss"]) == 4                      # the style loss also guides the top step
+    assert all(b < a for a, b in zip(stats["mcg_loss"], stats["mcg_loss_after"])), stats
+    assert all(losses[-1] < losses[0] for losses in stats["dds_losses"]), stats["dds_losses"]
+    plain = host.run_prompt(graph(checkpoints["sd15"], weight=0.0), targets=["s"]).output("s", 0)["samples"]
+    plain_src = host.run_prompt({**graph(checkpoints["sd15"], weight=0.0), "s": {**style_graph(checkpoints["sd15"])["s"]}},
+                                targets=["s"]).output("s", 0)["samples"]
+    assert ((out - plain_src).norm() / plain_src.norm()).item() > 1e-3 and not torch.equal(out, plain)
+
+
+def test_clip_style_loss_is_seeded(host, checkpoints):
+    p = style_graph(checkpoints["sd15"], cutouts=2)
+    a = host.run_prompt(p, targets=["s"]).output("s", 0)["samples"]
+    p["sampler"]["inputs"]["dds_lr"] = 0.0100001            # re-run the sampler: same seed, same cutouts
+    b = host.run_prompt(p, targets=["s"]).output("s", 0)["samples"]
+    rel = lambda u, v: ((u - v).norm() / v.norm()).item()  # noqa: E731  (CPU backward sums in thread order)
+    assert rel(a, b) < 1e-4
+    p["s"]["inputs"]["noise_seed"] = 7                      # other cutouts
+    assert rel(host.run_prompt(p, targets=["s"]).output("s", 0)["samples"], a) > 1e-3
+
+
+def test_clip_style_loss_errors_name_the_input(host, checkpoints):
+    p = style_graph(checkpoints["sd15"])
+    del p["sampler"]["inputs"]["vae"]
+    with pytest.raises(Exception, match="AGG Sampler.*'vae'"):
+        host.run_prompt(p, targets=["s"])
+    p = style_graph(checkpoints["sd15"])
+    p["oc"]["inputs"]["architecture"] = "RN50"
+    with pytest.raises(Exception, match="open_clip.*'architecture'.*do not fit RN50"):
+        host.run_prompt(p, targets=["oc"])
+
+
+def test_open_clip_loader_reads_the_file(host):
+    import folder_paths
+    import safetensors.torch
+    res = host.run_prompt({"oc": {"class_type": "Z2I_OpenCLIPLoader", "inputs": {
+        "name": "z2i-tiny-clip.safetensors", "architecture": "auto (config beside the weights)"}}}, targets=["oc"])
+    enc = res.output("oc", 0)
+    ref = safetensors.torch.load_file(folder_paths.get_full_path("open_clip", "z2i-tiny-clip.safetensors"))
+    sd = enc.model.state_dict()
+    assert all(torch.equal(sd[k].cpu(), v) for k, v in ref.items()) and enc.image_size == 32
+    assert not any(p.requires_grad or p.is_inference() for p in enc.model.parameters())

@@ -101,6 +101,10 @@ for k in "${kinds[@]}"; do
   ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
 done
 
+# A tiny random open_clip model for the CLIP losses (AGG style loss, Asyrp training) in tests and workflows.
+mkdir -p "$host/models/open_clip"
+"$python" tools/make_tiny_open_clip.py "$host/models/open_clip" >/dev/null
+
 # A small input image for the workflows (LoadImage reads ComfyUI's input folder).
 "$python" - "$host/input" <<'PY'
 import sys, pathlib
