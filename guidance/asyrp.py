@@ -30,17 +30,22 @@ FORMAT = "z2i.h_direction.v1"
 
 @dataclass(frozen=True)
 class HDirection:
-    """A global delta_h [1, C, h, w] (resized to the running h when sizes differ) and its metadata."""
+    """delta_h = a global tensor [1, C, h, w] (resized to the running h when sizes differ; may be None) plus
+    coefficient-weighted implicit functions f_t(h, t) (Asyrp App. E; guidance/asyrp_train.py), and metadata.
+    Linear: `scaled` and `+` combine both kinds (section 5.2)."""
 
-    delta: torch.Tensor
+    delta: Optional[torch.Tensor]
     meta: dict = field(default_factory=dict)
+    implicit: tuple = ()                          # ((coef, module with .channels and forward(h, t)), ...)
 
     @property
     def channels(self) -> int:
-        return int(self.delta.shape[1])
+        if self.delta is not None:
+            return int(self.delta.shape[1])
+        return int(self.implicit[0][1].channels)
 
     def at(self, shape: torch.Size, scale: float = 1.0) -> torch.Tensor:
-        """delta_h for an h of `shape` [B, C, H, W] (bilinear resize when the spatial size differs)."""
+        """The global delta_h for an h of `shape` [B, C, H, W] (bilinear resize when the spatial size differs)."""
         d = self.delta
         if d.shape[1] != shape[1]:
             raise ValueError(f"direction has {d.shape[1]} channels, the middle block {shape[1]}")
@@ -48,27 +53,56 @@ class HDirection:
             d = F.interpolate(d.float(), size=tuple(shape[-2:]), mode="bilinear", align_corners=False)
         return d * scale
 
+    def delta_for(self, h: torch.Tensor, t: Optional[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        """delta_h_t = scale * (global + sum_i c_i f_t^i(h_t)) for the middle-block output h at timesteps t
+        (0..999 per row; needed by implicit functions only)."""
+        if h.shape[1] != self.channels:
+            raise ValueError(f"direction has {self.channels} channels, the middle block {h.shape[1]}")
+        out = self.at(h.shape, scale).to(h) if self.delta is not None else torch.zeros_like(h)
+        for coef, f in self.implicit:
+            if t is None:
+                raise ValueError("an implicit h-space direction needs the timestep of the call")
+            out = out + (scale * coef) * f(h.float(), t.to(h.device).float().reshape(-1)).to(h)
+        return out
+
     def scaled(self, c: float) -> "HDirection":
-        return HDirection(self.delta * c, dict(self.meta))
+        return HDirection(None if self.delta is None else self.delta * c, dict(self.meta),
+                          tuple((k * c, f) for k, f in self.implicit))
 
     def __add__(self, other: "HDirection") -> "HDirection":
-        o = other.delta
-        if o.shape != self.delta.shape:
-            o = F.interpolate(o.float(), size=tuple(self.delta.shape[-2:]), mode="bilinear", align_corners=False)
+        a, b = self.delta, other.delta
+        if a is not None and b is not None and b.shape != a.shape:
+            b = F.interpolate(b.float(), size=tuple(a.shape[-2:]), mode="bilinear", align_corners=False)
+        delta = b if a is None else (a if b is None else a + b)
         meta = dict(self.meta)
         meta["combined"] = [self.meta, other.meta]
-        return HDirection(self.delta + o, meta)
+        return HDirection(delta, meta, self.implicit + other.implicit)
 
     def to_safetensors(self) -> tuple[dict, dict]:
-        return ({"delta": self.delta.detach().cpu().contiguous().float()},
-                {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True, default=str)})
+        tensors = {} if self.delta is None else {"delta": self.delta.detach().cpu().contiguous().float()}
+        implicit = []
+        for i, (coef, f) in enumerate(self.implicit):
+            implicit.append({"coef": float(coef), "config": f.config})
+            for k, v in f.state_dict().items():
+                tensors[f"implicit.{i}.{k}"] = v.detach().cpu().contiguous().float()
+        return tensors, {"format": FORMAT, "meta": json.dumps(self.meta, sort_keys=True, default=str),
+                         "implicit": json.dumps(implicit)}
 
     @classmethod
     def from_safetensors(cls, tensors: dict, metadata: Optional[dict]) -> "HDirection":
         metadata = metadata or {}
-        if metadata.get("format") != FORMAT or "delta" not in tensors:
+        implicit_cfg = json.loads(metadata.get("implicit", "[]"))
+        if metadata.get("format") != FORMAT or ("delta" not in tensors and not implicit_cfg):
             raise ValueError(f"not a Z2I h-space direction (format {metadata.get('format')!r})")
-        return cls(tensors["delta"], json.loads(metadata.get("meta", "{}")))
+        from .asyrp_train import DeltaBlock
+        implicit = []
+        for i, item in enumerate(implicit_cfg):
+            with torch.inference_mode(False):
+                f = DeltaBlock(**item["config"])
+                prefix = f"implicit.{i}."
+                f.load_state_dict({k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)})
+            implicit.append((float(item["coef"]), f.eval().requires_grad_(False)))
+        return cls(tensors.get("delta"), json.loads(metadata.get("meta", "{}")), tuple(implicit))
 
 
 def step_scale(steps_trained: Optional[int], steps_now: int) -> float:

@@ -10,7 +10,7 @@ Skip connections are never modified (Asyrp pitfall 3.8.1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,13 +19,16 @@ HSPACE_KEY = "z2i_hspace_call"
 
 @dataclass
 class HCall:
-    """add: delta_h (an HDirection-like object with .at(shape, scale)) times `scale`; capture: store h per
-    cond index into `captured` (a dict cond_index -> list of tensors)."""
+    """add: delta_h (an HDirection-like object with .delta_for(h, t, scale)) times `scale`; capture: store h per
+    cond index into `captured` (a dict cond_index -> list of tensors). `timestep(sigma) -> t` maps the call's
+    sigmas to the model's 0..999 timesteps (implicit directions f_t need t)."""
 
     direction: Optional[object] = None
     scale: float = 1.0
     captured: Optional[dict] = None
     seen: list = field(default_factory=list)     # delta actually added, per call (for tests and stats)
+    timestep: Optional[Callable] = None
+    keep_seen: bool = True
 
     def __deepcopy__(self, memo):
         return self
@@ -36,8 +39,15 @@ class HCall:
             for ci, chunk in zip(cou, h.chunk(len(cou))):
                 self.captured.setdefault(ci, []).append(chunk.detach().float())
         if self.direction is not None and self.scale != 0:
-            delta = self.direction.at(h.shape, self.scale).to(h)
-            self.seen.append(delta)
+            sigmas = transformer_options.get("sigmas")
+            t = None
+            if sigmas is not None and self.timestep is not None:
+                t = self.timestep(sigmas.reshape(-1)).reshape(-1)
+                if t.numel() == 1:
+                    t = t.expand(h.shape[0])
+            delta = self.direction.delta_for(h, t, self.scale).to(h)
+            if self.keep_seen:
+                self.seen.append(delta.detach())
             h = h + delta
         return h
 

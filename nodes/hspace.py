@@ -1,6 +1,9 @@
 """Asyrp on Stable Diffusion: h-space directions (derive, combine, save, load) and the asymmetric SAMPLER."""
 from __future__ import annotations
 
+from contextlib import ExitStack
+
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
@@ -10,14 +13,18 @@ import torch
 from comfy_api.latest import io
 
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
+from ..guidance.asyrp_train import asyrp_loss, make_trainable, train_direction
+from ..guidance.autograd import autograd_parameters
 from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch, hspace_output_block_patch
-from ._host import (Z2IInputError, file_fingerprint, interruptible, load_safetensors, register_model_folder,
-                    save_unique, unet_of)
+from ..guidance.inversion import sample_ddim_invert
+from ._host import (Z2IInputError, check_latent, file_fingerprint, interruptible, load_safetensors,
+                    model_signature, register_model_folder, save_unique, schedule_sigmas, unet_of)
+from .clip_models import ClipLossModelType, image_decoder
 from .types import InversionType
 
 HDirectionType = io.Custom("Z2I_H_DIRECTION")
 H_DIRS = register_model_folder("h_directions", {".safetensors"})
-ASYRP, DERIVE = "Z2I Asyrp Sampler", "Z2I h-space Direction From Prompts"
+ASYRP, DERIVE, TRAIN = "Z2I Asyrp Sampler", "Z2I h-space Direction From Prompts", "Z2I Train h-space Direction"
 UNITS = ["percent", "timestep"]
 
 
@@ -59,7 +66,7 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     boost = interval_index(sigmas, boost_from, unit, to_sigma)
     total = scale * step_scale(direction.meta.get("steps"), n)
     s_in = x.new_ones([x.shape[0]])
-    call = HCall(direction=direction, scale=total)
+    call = HCall(direction=direction, scale=total, timestep=ms.timestep)
     edit_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}), call)}
     model_edit = lambda xx, s: model(xx, s * s_in, **edit_args)  # noqa: E731
     model_orig = lambda xx, s: model(xx, s * s_in, **extra_args)  # noqa: E731
@@ -170,6 +177,161 @@ class HDirectionFromPrompts(io.ComfyNode):
         return io.NodeOutput(HDirection(delta, meta))
 
 
+def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, job=None):
+    """Runs inside ComfyUI's sampling (so conds, LoRA and other patches apply): invert the images along the
+    training schedule, then Alg. 2 over the editing interval. x: the clean latents; returns x unchanged."""
+    extra_args = extra_args or {}
+    base = model.inner_model.inner_model
+    ms = base.model_sampling
+    n = len(sigmas) - 1
+    asc = torch.cat([sigmas.new_zeros(1), sigmas[:-1].flip(0)])
+    with torch.inference_mode(False), torch.no_grad():
+        x_T = sample_ddim_invert(model, x.clone(), asc, extra_args=extra_args, callback=interruptible(None),
+                                 sigma_floor=float(ms.sigma_min))
+    edit_steps = interval_index(sigmas, job["edit_until"], "percent")
+    if edit_steps < 1:
+        raise Z2IInputError(TRAIN, "edit_until", f"{job['edit_until']} of {n} steps is no step at all",
+                            "raise it (the paper edits roughly the first half: 0.5)")
+    h_shape = _h_shape(base, x)
+    with torch.inference_mode(False):
+        trainable, params = make_trainable(job["kind"], h_shape[1], h_shape[-2:], job["seed"], job["hidden"])
+    call = HCall(direction=trainable, scale=1.0, timestep=ms.timestep, keep_seen=False)
+    edit_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}), call)}
+    plain_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}))}
+    enc, vae = job["clip"], job["vae"]
+    pbar = comfy.utils.ProgressBar(job["iterations"] * x.shape[0] * edit_steps)
+
+    def denoise(xx, sigma, edited):
+        return model(xx, sigma * xx.new_ones([xx.shape[0]]), **(edit_args if edited else plain_args))
+
+    def progress(info):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(info["done"], info["total"])
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(autograd_parameters(base.diffusion_model))
+        decode = image_decoder(vae, base, TRAIN)
+        stack.enter_context(autograd_parameters(vae.first_stage_model))
+        stack.enter_context(torch.enable_grad())
+        text_dir = enc.text_direction(job["source"], job["target"])
+
+        def loss_fn(x0_edit, x0_src):
+            with torch.no_grad():
+                img_src = decode(x0_src)
+            return asyrp_loss(decode(x0_edit), img_src, enc, text_dir, job["lambda_clip"], job["lambda_recon"])
+
+        starts = [x_T[j:j + 1].clone() for j in range(x_T.shape[0])]
+        history = train_direction(denoise, starts, sigmas, edit_steps, loss_fn, params, job["iterations"], job["lr"],
+                                  callback=progress)
+    job["out"] = (trainable, history, edit_steps, h_shape)
+    return x
+
+
+def _h_shape(base, x) -> tuple:
+    """Shape of the middle-block output for latents like x: channels of the middle block, size / 2^downsamples."""
+    from ._host import downsample_factor
+    unet = base.diffusion_model
+    f = downsample_factor(unet)
+    ch = None
+    for m in unet.middle_block.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            ch = m.out_channels
+    return (1, ch, x.shape[-2] // f, x.shape[-1] // f)
+
+
+class HDirectionTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Z2I_HDirectionTrain",
+            display_name="Train h-space Direction (Z2I)",
+            category="Z2I/hspace",
+            description=(
+                "Learns an Asyrp direction from your images (Alg. 2, Eq. 7): each image is DDIM-inverted, then "
+                "over the editing interval delta_h is optimised so that the decoded x0 moves along the CLIP "
+                "text direction source -> target (directional CLIP loss, open_clip) while an L1 term keeps it "
+                "close to the unedited x0. Either the paper's implicit function f_t (App. E) or one global "
+                "delta_h. Seeded, interruptible, with progress. Slow: every step backpropagates through the UNet "
+                "decoder half, the VAE decoder and CLIP."),
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL model (LoRA and other patches apply)."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE: the loss sees decoded x0 images."),
+                ClipLossModelType.Input("clip_loss_model", tooltip="From Load open_clip for CLIP Losses."),
+                io.Latent.Input("latent", tooltip="The training images, VAE-encoded (a batch: each image is one "
+                                                  "training sample; the paper uses 100-1000)."),
+                io.Conditioning.Input("positive", tooltip="Prompt for inversion and sampling (empty or a neutral "
+                                                          "caption; no CFG, as Asyrp is text-free)."),
+                io.String.Input("source_text", default="a photo of a face",
+                                tooltip="CLIP text for what the images show (y_src)."),
+                io.String.Input("target_text", default="a photo of a smiling face",
+                                tooltip="CLIP text for the edit (y_tgt)."),
+                io.Combo.Input("kind", options=["implicit", "global"], default="implicit",
+                               tooltip="implicit: f_t(h_t), two 1x1 convs with the timestep (the paper's default); "
+                                       "global: one delta_h for every timestep (cheaper, slightly weaker)."),
+                io.Int.Input("steps", default=40, min=2, max=1000,
+                             tooltip="S_train: DDIM steps of inversion and training (paper: 40). The sampler "
+                                     "rescales the direction by S_train/S_gen."),
+                io.Float.Input("edit_until", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="Editing interval as a fraction of the steps from pure noise (about "
+                                       "t_edit = 500 of 1000)."),
+                io.Int.Input("iterations", default=10, min=1, max=10000,
+                             tooltip="Passes over the images (the paper: 1 epoch over 1000 images)."),
+                io.Float.Input("lr", default=0.05, min=0.0, max=10.0, step=0.001,
+                               tooltip="Adam learning rate (the official code uses 0.5 for f_t on its models)."),
+                io.Float.Input("lambda_clip", default=0.8, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the directional CLIP loss (Table 3: 0.5-2, mostly 0.8)."),
+                io.Float.Input("lambda_recon", default=-1.0, min=-1.0, max=100.0, step=0.1,
+                               tooltip="Weight of the L1 term; -1 = the paper's rule, 3 x CLIP similarity of the "
+                                       "two texts."),
+                io.Int.Input("hidden", default=512, min=8, max=4096,
+                             tooltip="Channels of f_t's hidden layer (App. E: 512). Ignored for global."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seeds the initial direction (training is otherwise deterministic)."),
+            ],
+            outputs=[HDirectionType.Output(display_name="direction"),
+                     io.String.Output(display_name="report")],
+            is_experimental=True,
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip_loss_model, latent, positive, source_text, target_text, kind, steps,
+                edit_until, iterations, lr, lambda_clip, lambda_recon, hidden, seed) -> io.NodeOutput:
+        middle_block_of(model, TRAIN)
+        samples = latent["samples"]
+        check_latent(model, samples, TRAIN)
+        if not target_text.strip() or target_text.strip() == source_text.strip():
+            raise Z2IInputError(TRAIN, "target_text", "must differ from source_text", "describe the edit, e.g. "
+                                "'a photo of a smiling face'")
+        if lambda_recon < 0:
+            with torch.inference_mode(False):
+                t = clip_loss_model.encode_text([source_text, target_text])
+            lambda_recon = 3.0 * float((t[0] * t[1]).sum())
+        job = {"kind": kind, "seed": int(seed), "hidden": int(hidden), "edit_until": float(edit_until),
+               "iterations": int(iterations), "lr": float(lr), "lambda_clip": float(lambda_clip),
+               "lambda_recon": float(lambda_recon), "source": source_text, "target": target_text,
+               "clip": clip_loss_model, "vae": vae}
+        sigmas = schedule_sigmas(model, "ddim_uniform", int(steps))
+        sampler = comfy.samplers.KSAMPLER(_train_fn, extra_options={"job": job})
+        comfy.sample.sample_custom(model, torch.zeros_like(samples), 1.0, sampler, sigmas, positive, positive,
+                                   samples, disable_pbar=True)
+        trainable, history, edit_steps, h_shape = job["out"]
+        meta = {"family": model_signature(model).family, "channels": int(h_shape[1]),
+                "mode": f"trained-{kind}", "spatial": list(h_shape[-2:]), "steps": int(steps),
+                "edit_steps": edit_steps, "source": source_text, "target": target_text, "lr": float(lr),
+                "lambda_clip": float(lambda_clip), "lambda_recon": float(lambda_recon), "iterations": int(iterations),
+                "images": int(samples.shape[0]), "seed": int(seed), "clip_model": clip_loss_model.name,
+                "history": history}
+        if kind == "global":
+            direction = HDirection(trainable.delta.detach().clone().cpu(), meta)
+        else:
+            f = trainable.implicit[0][1].eval().requires_grad_(False).cpu()
+            direction = HDirection(None, meta, ((1.0, f),))
+        report = "\n".join(f"iteration {i + 1}: loss {h['loss']:.4f} (clip {h['clip']:.4f}, recon {h['recon']:.4f})"
+                            for i, h in enumerate(history))
+        return io.NodeOutput(direction, report)
+
+
 class HDirectionCombine(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -246,4 +408,4 @@ class LoadHDirection(io.ComfyNode):
                                 "h-space Direction") from None
 
 
-NODES = [AsyrpSampler, HDirectionFromPrompts, HDirectionCombine, SaveHDirection, LoadHDirection]
+NODES = [AsyrpSampler, HDirectionFromPrompts, HDirectionTrain, HDirectionCombine, SaveHDirection, LoadHDirection]

@@ -1,0 +1,121 @@
+"""Learning Asyrp directions (Kwon, Jeong & Uh, section 3.2-3.4, Eq. 7, Alg. 2, App. E;
+shared/design/algorithms.md section 3.3).
+
+Two parameterisations of delta_h:
+- global: one tensor delta_h [1, C, h, w] shared by every timestep (section 3.4 (c));
+- implicit f_t(h_t): two 1x1 convolutions with a timestep embedding added between them, GroupNorm and SiLU
+  (App. E, Fig. 16; the authors' DeltaBlock), the paper's default. The timestep embedding here is the
+  sinusoidal embedding of t followed by a linear layer (the official code reuses the UNet's time MLP output).
+
+The loss at each step t of the editing interval (Eq. 7):
+    L(t) = lambda_CLIP * L_direction(P_t^edit, y_tgt; P_t^src, y_src) + lambda_recon * |P_t^edit - P_t^src|
+with P_t the predicted x0 (decoded to an image for Stable Diffusion), L_direction Asyrp Eq. 4
+(guidance/clip_loss.directional_loss) and the L1 a mean over pixels. Following the authors' code the optimiser
+steps once per timestep. The edited path moves with the asymmetric step (x0 term from eps(x|delta_h), direction
+term from eps(x)); the source path with plain DDIM from the same x_T.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .clip_loss import ClipEncoder, directional_loss
+from .ddim import ddim_step
+from .schedules import eps_from_denoised
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t [B] (0..999), as in DDPM: [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class DeltaBlock(nn.Module):
+    """f_t(h): conv1x1(C -> hidden) + Linear(temb) -> GroupNorm -> SiLU -> conv1x1(hidden -> C) (App. E)."""
+
+    def __init__(self, channels: int, hidden: int = 512, temb_dim: int = 128):
+        super().__init__()
+        self.config = {"channels": int(channels), "hidden": int(hidden), "temb_dim": int(temb_dim)}
+        self.channels = int(channels)
+        self.conv1 = nn.Conv2d(channels, hidden, 1)
+        self.temb = nn.Linear(temb_dim, hidden)
+        # at least two channels per group: SD's h is 1x1 at small sizes, where one value per group is undefined
+        self.norm = nn.GroupNorm(math.gcd(32, max(1, hidden // 2)), hidden)
+        self.conv2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        p = next(self.parameters())
+        x = self.conv1(h.to(p))
+        x = x + self.temb(timestep_embedding(t.to(p.device), self.config["temb_dim"]).to(p))[:, :, None, None]
+        return self.conv2(F.silu(self.norm(x)))
+
+
+def make_trainable(kind: str, channels: int, spatial: tuple, seed: int, hidden: int = 512, init_scale: float = 1e-3):
+    """(HDirection-like object to train, its parameters). kind: 'implicit' or 'global'. Seeded, no global RNG use."""
+    from .asyrp import HDirection
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "implicit":
+            f = DeltaBlock(channels, hidden)
+            return HDirection(None, {}, ((1.0, f),)), list(f.parameters())
+        if kind == "global":
+            # small, not zero: the directional loss has no direction at delta_I = 0
+            delta = nn.Parameter(init_scale * torch.randn(1, channels, *spatial))
+            return HDirection(delta, {}), [delta]
+    raise ValueError(f"kind must be 'implicit' or 'global', got {kind!r}")
+
+
+def asyrp_loss(img_edit: torch.Tensor, img_src: torch.Tensor, encoder: ClipEncoder, text_dir: torch.Tensor,
+               lambda_clip: float, lambda_recon: float) -> tuple[torch.Tensor, dict]:
+    """Eq. 7 on images in [0, 1]: lambda_clip * directional + lambda_recon * mean L1. Returns (loss, parts)."""
+    with torch.no_grad():
+        e_src = encoder.encode_image(img_src)
+    clip = directional_loss(encoder.encode_image(img_edit), e_src, text_dir)
+    recon = (img_edit - img_src.detach()).abs().mean()
+    loss = lambda_clip * clip + lambda_recon * recon
+    return loss, {"clip": float(clip.detach()), "recon": float(recon.detach())}
+
+
+def train_direction(denoise: Callable, starts: list, sigmas: torch.Tensor, edit_steps: int, loss_fn: Callable,
+                    params: list, iterations: int, lr: float,
+                    callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Alg. 2 with one optimiser step per timestep. denoise(x, sigma, edited: bool) -> predicted x0 (edited = with
+    delta_h, differentiable in the direction's parameters); starts: x_T per training image (batch 1 each);
+    loss_fn(x0_edit, x0_src) -> (loss, parts). Returns per iteration the mean loss and its parts."""
+    if edit_steps < 1:
+        raise ValueError("the editing interval is empty: raise edit_until")
+    opt = torch.optim.Adam(params, lr=lr)
+    history, done = [], 0
+    total = iterations * len(starts) * edit_steps
+    for it in range(iterations):
+        sums: dict = {}
+        for start in starts:
+            x = x_src = start.detach()
+            for i in range(edit_steps):
+                sigma, sigma_next = sigmas[i], sigmas[i + 1]
+                with torch.no_grad():
+                    d_src = denoise(x_src, sigma, False)
+                    d_orig = d_src if i == 0 else denoise(x, sigma, False)
+                d_edit = denoise(x, sigma, True)
+                loss, parts = loss_fn(d_edit, d_src)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for k, v in {"loss": float(loss.detach()), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                with torch.no_grad():
+                    x = ddim_step(d_edit.detach(), eps_from_denoised(x, sigma, d_orig), sigma, sigma_next)
+                    x_src = ddim_step(d_src, eps_from_denoised(x_src, sigma, d_src), sigma, sigma_next)
+                done += 1
+                if callback is not None:
+                    callback({"iteration": it, "step": i, "done": done, "total": total, "loss": float(loss.detach()),
+                              "x0_edit": d_edit.detach()})
+        history.append({k: v / (len(starts) * edit_steps) for k, v in sums.items()})
+    return history
