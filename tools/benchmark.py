@@ -12,6 +12,15 @@ through SamplerCustom) of the same size and steps. Machines are noisy: only the 
 Per method it also reports UNet forward calls per step (counted by a forward hook, in batch rows: a CFG call
 of cond + uncond counts 2) and backward passes per step (a hook on the UNet output's gradient), and the peak
 resident memory above the pre-run level (RSS polled every 5 ms).
+
+The peer (`--peer`, the default): the same tiny weights through diffusers' StableDiffusionPix2PixZeroPipeline
+(tools/peer_pix2pix_zero.py: diffusers is installed for the benchmark only, into its own cache folder; the
+modules are built from configs in code and loaded with the checkpoint's tensors, converted locally and checked
+against ComfyUI's modules; nothing is downloaded). Our full pix2pix-zero edit (DDIM Inversion with the
+noise regulariser, the pix2pix-zero sampler, VAE Decode) against the pipeline's invert() + __call__() with
+the same inputs, steps, guidance and regulariser, in the same process and measured the same way, alternating
+runs. `--only-peer` measures just plain DDIM sampling and the peer comparison, and with `--write` replaces
+only the peer section of an existing file. tools/benchmark.sh sets up, then runs this script.
 """
 from __future__ import annotations
 
@@ -156,6 +165,102 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
 
 
 NOT_IMPLEMENTED: list[str] = []
+PLAIN = "plain ComfyUI DDIM (core 'ddim')"
+CAPTION = "a photo of a cat on a sofa"
+PEER_CFG = 5.0          # the edit's guidance scale, both sides (the main table's cfg)
+PEER_XA = 0.1           # cross-attention guidance step: our xa_guidance = the pipeline's default
+OURS = "Z2I: DDIM Inversion (regularised) + pix2pix-zero sampler + VAE Decode"
+SHIPPED = "diffusers pipeline: invert() + __call__(), UNet as from_pretrained leaves it"
+FROZEN = "diffusers pipeline, UNet frozen by the caller (requires_grad_(False))"
+
+
+def peer_graph(size: int, steps: int) -> dict:
+    """Our full pix2pix-zero edit with the pipeline's settings: regularised inversion (its defaults: lambda 20
+    for both terms, 5 iterations of 5 rolls; eps at the target timestep, as DDIMInverseScheduler), the edit
+    at cfg 5 against the empty prompt, xa guidance 0.1, decoded."""
+    g = base_graph(size, steps)
+    g["inv"]["inputs"].update({"variant": "target timestep", "regularize": True, "reg_lambda": 20.0,
+                               "reg_iterations": 5})
+    return {**g,
+            "empty": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["ckpt", 1]}},
+            "dir": {"class_type": "Z2I_EditDirection", "inputs": {"clip": ["ckpt", 1], "source": "cat",
+                                                                  "target": "dog", "num_sentences": 8, "seed": 0}},
+            "edit": {"class_type": "Z2I_ApplyEditDirection", "inputs": {"conditioning": ["src", 0],
+                                                                        "direction": ["dir", 0], "strength": 1.0}},
+            "sampler": {"class_type": "Z2I_Pix2PixZeroSampler", "inputs": {
+                "xa_guidance": PEER_XA, "layers": "input,middle,output", "map_precision": "fp32"}},
+            "s": {"class_type": "SamplerCustom", "inputs": {
+                "model": ["ckpt", 0], "add_noise": False, "noise_seed": 0, "cfg": PEER_CFG, "positive": ["edit", 0],
+                "negative": ["empty", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2],
+                "latent_image": ["inv", 0]}},
+            "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["s", 0], "vae": ["ckpt", 2]}}}
+
+
+_PIPE: dict = {}
+
+
+def run_peer(host, size: int, steps: int, repeats: int, plain_time: float, results: list) -> None:
+    """Our full edit against diffusers' pipeline on the same weights and inputs; appends rows to results."""
+    import peer_pix2pix_zero as peer
+    prompt = peer_graph(size, steps)
+    res = host.run_prompt(prompt, targets=["dec", "ckpt", "src", "empty", "enc", "dir"])   # warm-up
+    model, vae = res.output("ckpt", 0), res.output("ckpt", 2)
+    src, empty = res.output("src", 0)[0][0].float(), res.output("empty", 0)[0][0].float()
+    raw = res.output("enc", 0)["samples"].float()
+    delta = res.output("dir", 0).delta.float()
+    scale = model.get_model_object("latent_format").scale_factor
+    if "pipe" not in _PIPE:
+        ckpt = host.folder_paths.get_full_path("checkpoints", CKPT)
+        pipe = peer.build_pipeline(ckpt, model.model.model_config.unet_config, host.host_dir)
+        _PIPE["check"] = peer.check_conversion(pipe, model, vae, CAPTION, src, raw)
+        _PIPE["pipe"] = pipe
+        print("diffusers conversion, max |difference| from ComfyUI's modules: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in _PIPE["check"].items()), flush=True)
+    pipe = _PIPE["pipe"]
+    latent = (raw * scale).contiguous()
+
+    def ours(r):
+        prompt["inv"]["inputs"]["reg_seed"] = r + 1         # re-runs inversion, sampler and decode
+        prompt["s"]["inputs"]["noise_seed"] = r + 1
+        host.run_prompt(prompt, targets=["dec"])
+
+    def diffusers(frozen):
+        def go(r):
+            pipe.unet.requires_grad_(not frozen)
+            peer.reset(pipe)                                 # a fresh pipeline: no stored maps, no .grad
+            peer.edit(pipe, latent, src, empty, delta, steps, PEER_CFG, PEER_XA, r + 1, size)
+        return go
+
+    runs = {OURS: (ours, model.model.diffusion_model), SHIPPED: (diffusers(False), pipe.unet),
+            FROZEN: (diffusers(True), pipe.unet)}
+    for name, (fn, _) in runs.items():
+        if name != OURS:
+            fn(-1)                                           # warm-up (the pipeline rewires its UNet once)
+    meas = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:     # rotate the order between repeats
+            fn, unet = runs[name]
+            with Meter(unet) as m:
+                fn(r)
+            m.handle.remove()
+            meas[name].append((m.elapsed, m.rows / steps, m.backwards / steps, m.peak_extra / 2**20))
+    for name in names:
+        t = statistics.median(x[0] for x in meas[name])
+        row = {"size": size, "peer": True, "method": name, "seconds": t, "ratio": t / plain_time,
+               "unet_rows_per_step": statistics.median(x[1] for x in meas[name]),
+               "backward_per_step": statistics.median(x[2] for x in meas[name]),
+               "peak_extra_mb": statistics.median(x[3] for x in meas[name])}
+        results.append(row)
+        print(f"{size:4d}px  {name:78s} {t:7.2f}s  x{t / plain_time:5.2f}  rows/step {row['unet_rows_per_step']:.1f}"
+              f"  backward/step {row['backward_per_step']:.1f}  peak +{row['peak_extra_mb']:.0f} MB", flush=True)
+    ratios = {"size": size, "peer_ratios": True, "conversion": dict(_PIPE["check"])}
+    for label, other in (("", SHIPPED), ("_frozen", FROZEN)):
+        ratios["time" + label] = statistics.median(a[0] / b[0] for a, b in zip(meas[OURS], meas[other]))
+        ratios["mem" + label] = statistics.median(a[3] / max(b[3], 1e-9) for a, b in zip(meas[OURS], meas[other]))
+    results.append(ratios)
+    print(f"{size:4d}px  ours / diffusers: time {ratios['time']:.2f}x, peak RSS {ratios['mem']:.2f}x "
+          f"(frozen UNet: {ratios['time_frozen']:.2f}x, {ratios['mem_frozen']:.2f}x)", flush=True)
 
 
 def main() -> None:
@@ -164,7 +269,18 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,128", help="image sizes in pixels (latent = size / 8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", type=Path, help="also write the results as a markdown table to this file")
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare pix2pix-zero with diffusers' StableDiffusionPix2PixZeroPipeline on the same "
+                         "weights (installs tools/requirements-bench.txt into the benchmark's cache folder once)")
+    ap.add_argument("--only-peer", action="store_true",
+                    help="measure only plain DDIM sampling and the peer comparison; with --write, replace only "
+                         "the peer section of the existing file")
     args = ap.parse_args()
+    if args.only_peer and not args.peer:
+        ap.error("--only-peer needs --peer")
+    if args.peer:
+        import peer_pix2pix_zero
+        peer_pix2pix_zero.ensure_bench_deps()
 
     import logging
     logging.basicConfig(level=logging.ERROR)
@@ -175,6 +291,8 @@ def main() -> None:
     for size in [int(s) for s in args.sizes.split(",")]:
         plain_time = None
         for name, (extra, node, seed_input) in methods(args.steps).items():
+            if args.only_peer and name != PLAIN:
+                continue
             prompt = {**base_graph(size, args.steps), **extra}
             res = host.run_prompt(prompt, targets=[node, "ckpt"])          # warm-up: caches everything upstream
             unet = res.output("ckpt", 0).model.diffusion_model
@@ -201,6 +319,10 @@ def main() -> None:
             print(f"{size:4d}px  {name:50s} {t:7.2f}s  x{t / plain_time:5.2f}  rows/step {results[-1]['unet_rows_per_step']:.1f}"
                   f"  backward/step {results[-1]['backward_per_step']:.1f}  peak +{results[-1]['peak_extra_mb']:.0f} MB",
                   flush=True)
+        if args.peer:
+            run_peer(host, size, args.steps, args.repeats, plain_time, results)
+        if args.only_peer:
+            continue
         # pix2pix-zero reference maps: one step held (lockstep) against what storing every step would take
         import comfy.sample
         import comfy.samplers
@@ -226,20 +348,101 @@ def main() -> None:
     print(json.dumps(results, indent=1))
 
 
+PEER_HEADING = "## pix2pix-zero against diffusers' StableDiffusionPix2PixZeroPipeline"
+
+
+def command(args, only_peer=False) -> str:
+    extra = " --only-peer" if only_peer else ("" if args.peer else " --no-peer")
+    return ("PYTHONPATH=.host/pythonpath .venv/bin/python tools/benchmark.py "
+            f"--steps {args.steps} --sizes {args.sizes} --repeats {args.repeats}{extra} --write BENCHMARKS.md")
+
+
+def peer_markdown(results: list, args) -> list[str]:
+    import diffusers
+    rows = [r for r in results if r.get("peer")]
+    ratios = [r for r in results if r.get("peer_ratios")]
+    plain = {r["size"]: r["seconds"] for r in results if r.get("method") == PLAIN}
+    lines = [PEER_HEADING, "",
+             f"Produced by `{command(args, args.only_peer)}` (or `bash tools/benchmark.sh` with the same arguments), "
+             f"in the same process and on the same machine as plain sampling; diffusers {diffusers.__version__} "
+             "(benchmark-only: tools/requirements-bench.txt, tools/peer_pix2pix_zero.py).", "",
+             "| image | full edit (inversion + edit + decode) | seconds (median) | x plain DDIM | UNet rows / step "
+             "| backward / step | peak RSS above start |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} px | {r['method']} | {r['seconds']:.2f} | {r['ratio']:.2f} | "
+                     f"{r['unet_rows_per_step']:.1f} | {r['backward_per_step']:.1f} | {r['peak_extra_mb']:.0f} MB |")
+    lines += ["", "| image | plain DDIM seconds | time ours / diffusers | peak RSS ours / diffusers "
+                  "| time ours / diffusers, frozen UNet | peak RSS ours / diffusers, frozen UNet |",
+              "|---|---|---|---|---|---|"]
+    for r in ratios:
+        lines.append(f"| {r['size']} px | {plain.get(r['size'], float('nan')):.2f} | {r['time']:.2f} | "
+                     f"{r['mem']:.2f} | {r['time_frozen']:.2f} | {r['mem_frozen']:.2f} |")
+    check = ratios[0]["conversion"] if ratios else {}
+    lines += ["", "Conversion check, before any timing (the same inputs through ComfyUI's modules and the converted "
+                  "ones; the benchmark stops above 1e-5): max |difference| of UNet eps (t = 901, 501, 1) "
+                  f"{check.get('unet', float('nan')):.1e}, text encoder output {check.get('text_encoder', float('nan')):.1e}, "
+                  f"TAESD decode {check.get('vae_decode', float('nan')):.1e}.", "",
+              "Targets of the benchmark issue (ours / the pipeline as shipped, every size measured):", ""]
+    for key, limit, what in (("time", 0.7, "time"), ("mem", 0.5, "peak memory")):
+        got = [r[key] for r in ratios]
+        frozen = [r[key + "_frozen"] for r in ratios]
+        if got:
+            verdict = "met" if max(got) <= limit else "missed"
+            lines.append(f"- pix2pix-zero full edit {what}: at most {limit}x the diffusers pipeline's -> "
+                         f"{', '.join(f'{g:.2f}x' for g in got)}: {verdict} (against the frozen UNet: "
+                         f"{', '.join(f'{g:.2f}x' for g in frozen)}: {'met' if max(frozen) <= limit else 'missed'})")
+    lines += ["", "What the comparison means:", "",
+              "- Same weights and inputs on both sides: the tiny checkpoint's tensors (converted locally, checked "
+              "above; nothing downloaded), ComfyUI's text embeddings of the caption and of the empty prompt "
+              "(the negative), the same cat -> dog direction (8 template sentences a side, built once and given to "
+              "the pipeline as target_embeds with zero source_embeds), and VAE Encode's latent, scaled, as the image "
+              "to invert (the pipeline would sample the VAE posterior; ComfyUI takes its mode).",
+              f"- Same settings: {args.steps} DDIM steps on the same grid both ways; inversion at cfg 1 with "
+              "pix2pix-zero's noise regulariser at the pipeline's defaults (lambda 20 for both terms, 5 iterations "
+              f"of 5 rolls; our DDIM Inversion with regularize on, eps at the target timestep); the edit at cfg {PEER_CFG:g} "
+              f"with cross-attention guidance {PEER_XA:g} (our xa_guidance, the pipeline's "
+              "cross_attention_guidance_amount), every cross-attention layer.",
+              "- Timed from the latent to the decoded image, text encodes and model loading excluded on both sides "
+              "(ours: Z2I DDIM Inversion, the sampler and VAE Decode re-run, their upstream nodes cached; diffusers: "
+              "invert() then __call__(), whose invert() always decodes its noise as well). Runs alternate between the "
+              "three, in a rotating order; x plain DDIM divides by plain sampling of the same size in the same run.",
+              "- UNet rows / step count both phases over the step count: the pipeline's inversion adds 1 row, its edit "
+              "6 (a reference pass, a guided pass with the backward pass and a recomputed pass, each on both CFG "
+              "halves); ours adds 1 and 4 (a reference row on the caption, a guided row with the backward pass, and the "
+              "CFG pair at the guided latent).",
+              "- Peak RSS above start is the Meter's, as in the main table. The pipeline keeps every step's reference "
+              "maps (both CFG halves) from its reference loop until its edit loop pops them; ours keeps one step. As "
+              "shipped, the UNet's parameters require grad (diffusers' from_pretrained does not freeze them), so the "
+              "pipeline's backward passes also compute and accumulate weight gradients of every layer outside the "
+              "self-attention; the frozen rows are what a caller gets after unet.requires_grad_(False) (the pipeline "
+              "still enables the cross-attention layers' gradients). Before each run the pipeline's stored maps and "
+              "gradients are cleared, the state of a freshly loaded pipeline."]
+    return lines
+
+
 def write_markdown(path: Path, results: list, args) -> None:
     import torch
+    peer = peer_markdown(results, args) if any(r.get("peer") for r in results) else \
+        ["Not measured in this run (--no-peer): the diffusers StableDiffusionPix2PixZeroPipeline comparison."]
+    if args.only_peer:
+        old = path.read_text() if path.exists() else "# Benchmarks\n"
+        for marker in (PEER_HEADING, "Not measured yet: the diffusers", "Not measured in this run (--no-peer)"):
+            if marker in old:
+                old = old[:old.index(marker)]
+                break
+        path.write_text(old.rstrip("\n") + "\n\n" + "\n".join(peer) + "\n")
+        return
     lines = [
         "# Benchmarks", "",
-        "Produced by `PYTHONPATH=.host/pythonpath .venv/bin/python tools/benchmark.py "
-        f"--steps {args.steps} --sizes {args.sizes} --repeats {args.repeats} --write BENCHMARKS.md` "
-        "(see the script's docstring for the method).", "",
+        f"Produced by `{command(args)}` (see the script's docstring for the method; `bash tools/benchmark.sh` "
+        "with the same arguments sets up first).", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} on CPU, "
         f"fp32; the tiny random SD1.5-topology checkpoint. Only the ratios are meaningful.", "",
         "| image | method | seconds (median) | x plain DDIM | UNet rows / step | backward / step | peak RSS above start |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        if "seconds" in r:
+        if "seconds" in r and not r.get("peer"):
             lines.append(f"| {r['size']} px | {r['method']} | {r['seconds']:.2f} | {r['ratio']:.2f} | "
                          f"{r['unet_rows_per_step']:.1f} | {r['backward_per_step']:.1f} | {r['peak_extra_mb']:.0f} MB |")
     lines += ["", "pix2pix-zero keeps the reference branch's cross-attention maps for one step at a time:", "",
@@ -252,7 +455,7 @@ def write_markdown(path: Path, results: list, args) -> None:
     labels = {"CSG (mixup": "CSG sampler"}
     lines += ["", "Targets of the benchmark issue (ratio to plain sampling, every size measured):", ""]
     for prefix, limit in targets:
-        got = [r["ratio"] for r in results if "seconds" in r and r["method"].startswith(prefix)]
+        got = [r["ratio"] for r in results if "seconds" in r and not r.get("peer") and r["method"].startswith(prefix)]
         if got:
             verdict = "met" if max(got) <= limit else "missed"
             lines.append(f"- {labels.get(prefix, prefix)}: at most {limit}x -> {', '.join(f'{g:.2f}x' for g in got)}: {verdict}")
@@ -270,7 +473,7 @@ def write_markdown(path: Path, results: list, args) -> None:
               "- The tiny model's 8x8 and 16x16 latents make fixed per-step overheads (callbacks, previews) a "
               "larger share than on a real model at 512 px; ratios near 1 are within the noise of a shared "
               "2-core machine: the spread reaches 10-15% (compare the Z2I DDIM rows, which do exactly core's work)."]
-    lines += ["", "Not measured yet: the diffusers StableDiffusionPix2PixZeroPipeline comparison.", ""]
+    lines += [""] + peer + [""]
     path.write_text("\n".join(lines))
 
 
