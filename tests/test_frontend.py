@@ -25,7 +25,7 @@ import pytest
 
 from z2i.headless.workflow import FRONTEND_ONLY, ui_to_api
 from z2i.tests.helpers import ComfyServer
-from z2i.tests.test_workflows import CAPS, WORKFLOWS, _prepare, tiny_checkpoint_for
+from z2i.tests.test_workflows import CAPS, SWAPS, WORKFLOWS, _prepare, tiny_checkpoint_for
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -61,7 +61,7 @@ READY_JS = """() => !!(window.app && app.vueAppReady && app.graph && app.canvas 
     && Object.keys(LiteGraph.registered_node_types).length > 100
     && LiteGraph.registered_node_types['Z2I_DDIMSampler'])"""
 
-LOAD_JS = """async ([wf, name, ckpt, caps]) => {
+LOAD_JS = """async ([wf, name, ckpt, caps, swaps]) => {
     await app.loadGraphData(wf, true, true, name, {});
     const store = app.extensionManager.workflow;  // one tab: this workflow's
     for (const w of [...store.openWorkflows]) if (w !== store.activeWorkflow) await store.closeWorkflow(w);
@@ -72,6 +72,8 @@ LOAD_JS = """async ([wf, name, ckpt, caps]) => {
         for (const w of node.widgets || []) {
             if (node.type === 'CheckpointLoaderSimple' && w.name === 'ckpt_name') {
                 w.value = ckpt; changed.push([node.id, w.name, ckpt]);
+            } else if (swaps[node.type] && w.name in swaps[node.type]) {
+                w.value = swaps[node.type][w.name]; changed.push([node.id, w.name, w.value]);
             } else if (w.name in caps && typeof w.value === 'number' && w.value > caps[w.name]) {
                 w.value = caps[w.name]; changed.push([node.id, w.name, w.value]);
             }
@@ -186,7 +188,7 @@ def test_workflow_runs_in_the_frontend(frontend_server, page, path, tmp_path):
     ckpt = tiny_checkpoint_for(path)
     page.z2i_console.clear()
 
-    res = page.evaluate(LOAD_JS, [wf, path.stem, ckpt, CAPS])
+    res = page.evaluate(LOAD_JS, [wf, path.stem, ckpt, CAPS, SWAPS])
     assert not res["missing"], f"node types the frontend does not know: {res['missing']}"
     info = frontend_server.get_json("/object_info")
     server_missing = {n["type"] for n in wf["nodes"]} - FRONTEND_ONLY - set(info)

@@ -186,6 +186,44 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_asyrp"}),
         ],
     },
+    "z2i_asyrp_trained": {
+        "note": (
+            "Asyrp with a trained direction (Kwon et al. 2023, Alg. 2, Eq. 7): learn delta_h from your own images, "
+            "then edit.\n\n"
+            "1. Train h-space Direction inverts each training image and optimises delta_h over the editing "
+            "interval so that the decoded x0 moves along the CLIP text direction source_text -> target_text "
+            "(directional CLIP loss) while an L1 term keeps the rest. kind 'implicit' is the paper's f_t (two "
+            "1x1 convs with the timestep); 'global' is one delta_h.\n"
+            "2. The Asyrp sampler applies it asymmetrically to an inverted image (any image: directions transfer).\n"
+            "3. Save h-space Direction keeps it in models/h_directions (Load / Combine later).\n\n"
+            "Needs an open_clip model in models/open_clip (e.g. OpenAI or LAION ViT-B/32 weights saved as "
+            "safetensors; architecture ViT-B-32). What to change: the training images (a batch of 20-100 similar "
+            "images trains a reusable direction; LoadImage gives one), the two texts, iterations, lr, "
+            "lambda_clip. Training backpropagates through the UNet decoder, the VAE decoder and CLIP: GPU only "
+            "for real sizes."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("clip_model", "Z2I_OpenCLIPLoader", {"name": "open_clip_vit_b_32.safetensors",
+                                                  "architecture": "ViT-B-32"}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}, "Training images"),
+            ("src", "CLIPTextEncode", {"text": "a photo of a face", "clip": ("ckpt", 1)}, "Caption (no CFG)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("train", "Z2I_HDirectionTrain", {
+                "model": ("ckpt", 0), "vae": ("ckpt", 2), "clip_loss_model": ("clip_model", 0),
+                "latent": ("encode", 0), "positive": ("src", 0), "source_text": "a photo of a face",
+                "target_text": "a photo of a smiling face", "kind": "implicit", "steps": 40, "edit_until": 0.5,
+                "iterations": 10, "lr": 0.05, "lambda_clip": 0.8, "lambda_recon": -1.0, "hidden": 512, "seed": 0}),
+            ("keep", "Z2I_SaveHDirection", {"direction": ("train", 0), "filename": "smile"}),
+            ("invert", "Z2I_DDIMInversion", inversion("src", steps=40, regularize=False)),
+            ("sampler", "Z2I_AsyrpSampler", {"direction": ("train", 0), "scale": 1.0, "unit": "percent",
+                                             "edit_until": 0.5, "boost_from": 1.0}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 1.0,
+                                         "positive": ("src", 0), "negative": ("src", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_asyrp_trained"}),
+        ],
+    },
     "z2i_sdxl_pix2pix_zero": {
         "note": (
             "pix2pix-zero on SDXL. The same graph as the SD1.5 one with an SDXL checkpoint: the edit direction "
