@@ -301,7 +301,7 @@ def main() -> None:
                 if seed_input:
                     prompt[node]["inputs"][seed_input] = r + 1
                 else:
-                    prompt[node]["inputs"]["token_level"] = [2, 3][r % 2]     # re-run the mask node
+                    prompt[node]["inputs"]["token_level"] = [3, 2][r % 2]     # re-run the mask node (warm-up used 2)
                 with Meter(unet) as m:
                     host.run_prompt(prompt, targets=[node])
                 m.handle.remove()
@@ -359,6 +359,7 @@ def command(args, only_peer=False) -> str:
 
 def peer_markdown(results: list, args) -> list[str]:
     import diffusers
+    import torch
     rows = [r for r in results if r.get("peer")]
     ratios = [r for r in results if r.get("peer_ratios")]
     plain = {r["size"]: r["seconds"] for r in results if r.get("method") == PLAIN}
@@ -366,6 +367,8 @@ def peer_markdown(results: list, args) -> list[str]:
              f"Produced by `{command(args, args.only_peer)}` (or `bash tools/benchmark.sh` with the same arguments), "
              f"in the same process and on the same machine as plain sampling; diffusers {diffusers.__version__} "
              "(benchmark-only: tools/requirements-bench.txt, tools/peer_pix2pix_zero.py).", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} on CPU, fp32, "
+             "both sides; the tiny random SD1.5-topology checkpoint. Only the ratios are meaningful.", "",
              "| image | full edit (inversion + edit + decode) | seconds (median) | x plain DDIM | UNet rows / step "
              "| backward / step | peak RSS above start |", "|---|---|---|---|---|---|---|"]
     for r in rows:
