@@ -9,6 +9,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import latent_preview
 import torch
 from comfy_api.latest import io
 
@@ -183,15 +184,11 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
     extra_args = extra_args or {}
     base = model.inner_model.inner_model
     ms = base.model_sampling
-    n = len(sigmas) - 1
     asc = torch.cat([sigmas.new_zeros(1), sigmas[:-1].flip(0)])
     with torch.inference_mode(False), torch.no_grad():
         x_T = sample_ddim_invert(model, x.clone(), asc, extra_args=extra_args, callback=interruptible(None),
                                  sigma_floor=float(ms.sigma_min))
-    edit_steps = interval_index(sigmas, job["edit_until"], "percent")
-    if edit_steps < 1:
-        raise Z2IInputError(TRAIN, "edit_until", f"{job['edit_until']} of {n} steps is no step at all",
-                            "raise it (the paper edits roughly the first half: 0.5)")
+    edit_steps = job["edit_steps"]
     h_shape = _h_shape(base, x)
     with torch.inference_mode(False):
         trainable, params = make_trainable(job["kind"], h_shape[1], h_shape[-2:], job["seed"], job["hidden"])
@@ -199,14 +196,13 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
     edit_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}), call)}
     plain_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}))}
     enc, vae = job["clip"], job["vae"]
-    pbar = comfy.utils.ProgressBar(job["iterations"] * x.shape[0] * edit_steps)
 
     def denoise(xx, sigma, edited):
         return model(xx, sigma * xx.new_ones([xx.shape[0]]), **(edit_args if edited else plain_args))
 
-    def progress(info):
+    def progress(info):     # Cancel, the progress bar and a preview of the edited x0 after every optimiser step
         comfy.model_management.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(info["done"], info["total"])
+        job["preview"](info["done"] - 1, info["x0_edit"], info["x0_edit"], info["total"])
 
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
@@ -312,6 +308,11 @@ class HDirectionTrain(io.ComfyNode):
                "lambda_recon": float(lambda_recon), "source": source_text, "target": target_text,
                "clip": clip_loss_model, "vae": vae}
         sigmas = schedule_sigmas(model, "ddim_uniform", int(steps))
+        job["edit_steps"] = interval_index(sigmas, float(edit_until), "percent")
+        if job["edit_steps"] < 1:
+            raise Z2IInputError(TRAIN, "edit_until", f"{edit_until} of {steps} steps is no step at all",
+                                "raise it (the paper edits roughly the first half: 0.5)")
+        job["preview"] = latent_preview.prepare_callback(model, int(iterations) * samples.shape[0] * job["edit_steps"])
         sampler = comfy.samplers.KSAMPLER(_train_fn, extra_options={"job": job})
         comfy.sample.sample_custom(model, torch.zeros_like(samples), 1.0, sampler, sigmas, positive, positive,
                                    samples, disable_pbar=True)

@@ -73,3 +73,15 @@ def test_errors_name_node_and_input(host, checkpoints):
     p = graph(checkpoints["sd15"], edit_until=0.05)
     with pytest.raises(Exception, match="Train h-space Direction: input 'edit_until'"):
         host.run_prompt(p, targets=["train"])
+
+
+def test_progress_reaches_the_host_every_optimiser_step(host, checkpoints):
+    import comfy.utils
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        host.run_prompt(graph(checkpoints["sd15"], "global", iterations=2, seed=5), targets=["train"])
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    total = 2 * 1 * 3                                        # iterations x images x edit steps
+    assert [v for v, t in seen if t == total] == list(range(1, total + 1)), seen
