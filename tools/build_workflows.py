@@ -264,6 +264,38 @@ WORKFLOWS: dict[str, dict] = {
             ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_agg"}),
         ],
     },
+    "z2i_agg_clip_style": {
+        "note": (
+            "AGG with its CLIP text style loss (Kwon & Ye 2023, App. B Eq. 21-22): photo -> oil painting by text "
+            "alone, without a target prompt.\n\n"
+            "1. Invert the image with its caption.\n"
+            "2. Sample with the caption itself as the prompt (cfg 1: the text edit comes from CLIP); in the guided steps the decoded x0 is pushed toward "
+            "the CLIP direction style_source -> style_target (open_clip, random cutouts) while the L1 loss to "
+            "the inversion's x0 estimates keeps the structure; MCG + DDS + asymmetric update as in plain AGG.\n\n"
+            "Needs an open_clip model in models/open_clip (e.g. ViT-B-32 weights as safetensors). What to change: "
+            "style_target (and style_source), lambda_style against lambda_reg, guided_until, cutouts. Every guided "
+            "step decodes x0 and backpropagates through the VAE decoder and CLIP: use a GPU."),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("clip_model", "Z2I_OpenCLIPLoader", {"name": "open_clip_vit_b_32.safetensors",
+                                                  "architecture": "ViT-B-32"}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("src", "CLIPTextEncode", {"text": "a photo of a red square in a garden", "clip": ("ckpt", 1)},
+             "Caption (prompt for both passes)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", inversion("src", steps=50, regularize=False)),
+            ("sampler", "Z2I_AGGSampler", {"inversion": ("invert", 1), "lambda_reg": 0.1, "guided_until": 0.3,
+                                           "masked_until": 0.8, "dds_steps": 10, "dds_lr": 0.01, "eta": 0.0,
+                                           "style_clip": ("clip_model", 0), "vae": ("ckpt", 2),
+                                           "style_source": "a photo", "style_target": "an oil painting",
+                                           "lambda_style": 1.0, "cutouts": 8}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 1.0,
+                                         "positive": ("src", 0), "negative": ("src", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_agg_clip_style"}),
+        ],
+    },
     "z2i_pix2pix_zerocon": {
         "note": (
             "pix2pix-zeroCon (Si et al.): pix2pix-zero plus a contrastive (PatchNCE / CUT) loss between UNet "
