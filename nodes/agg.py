@@ -13,7 +13,7 @@ from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import seeded_noise_sampler
 from ._host import Z2IInputError, interruptible
-from .clip_models import ClipLossModelType, image_decoder
+from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
 NODE = "Z2I AGG Sampler"
@@ -62,7 +62,7 @@ def _style_loss(stack: ExitStack, style: dict, base, traj, x, seed):
     """AGG Eq. 21-22 on the VAE-decoded x0: -cos(v_trg, E_I(cutouts(decode(x0)))) times lambda_style."""
     decode = image_decoder(style["vae"], base, NODE)
     stack.enter_context(autograd_parameters(style["vae"].first_stage_model))
-    enc = style["model"]
+    enc = ready(style["model"])
     with torch.inference_mode(False), torch.no_grad():
         e_src = enc.encode_image(decode(traj.latents[0].to(x)))        # the source image x_src
         t = enc.encode_text([style["source"], style["target"]])

@@ -13,6 +13,7 @@ import json
 import os
 
 import comfy.model_management
+import comfy.model_patcher
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -123,8 +124,18 @@ class OpenCLIPLoader(io.ComfyNode):
     @classmethod
     def execute(cls, name, architecture) -> io.NodeOutput:
         enc = load_open_clip(name, architecture)
-        enc.model.to(comfy.model_management.get_torch_device())
+        # a ModelPatcher lets ComfyUI's memory manager load it to the GPU when used and offload it after
+        enc.patcher = comfy.model_patcher.ModelPatcher(
+            enc.model, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.text_encoder_offload_device())
         return io.NodeOutput(enc)
+
+
+def ready(encoder):
+    """Load the open_clip model onto the compute device through ComfyUI's memory manager; returns it."""
+    if getattr(encoder, "patcher", None) is not None:
+        comfy.model_management.load_models_gpu([encoder.patcher])
+    return encoder
 
 
 def image_decoder(vae, base_model, node: str, input_name: str = "vae"):

@@ -20,7 +20,7 @@ from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch
 from ..guidance.inversion import sample_ddim_invert
 from ._host import (Z2IInputError, check_latent, file_fingerprint, interruptible, load_safetensors,
                     model_signature, register_model_folder, save_unique, schedule_sigmas, unet_of)
-from .clip_models import ClipLossModelType, image_decoder
+from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
 HDirectionType = io.Custom("Z2I_H_DIRECTION")
@@ -195,7 +195,7 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
     call = HCall(direction=trainable, scale=1.0, timestep=ms.timestep, keep_seen=False)
     edit_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}), call)}
     plain_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}))}
-    enc, vae = job["clip"], job["vae"]
+    enc, vae = ready(job["clip"]), job["vae"]
 
     def denoise(xx, sigma, edited):
         return model(xx, sigma * xx.new_ones([xx.shape[0]]), **(edit_args if edited else plain_args))
@@ -300,6 +300,7 @@ class HDirectionTrain(io.ComfyNode):
             raise Z2IInputError(TRAIN, "target_text", "must differ from source_text", "describe the edit, e.g. "
                                 "'a photo of a smiling face'")
         if lambda_recon < 0:
+            ready(clip_loss_model)
             with torch.inference_mode(False):
                 t = clip_loss_model.encode_text([source_text, target_text])
             lambda_recon = 3.0 * float((t[0] * t[1]).sum())
