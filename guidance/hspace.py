@@ -43,8 +43,8 @@ class HCall:
             t = None
             if sigmas is not None and self.timestep is not None:
                 t = self.timestep(sigmas.reshape(-1)).reshape(-1)
-                if t.numel() == 1:
-                    t = t.expand(h.shape[0])
+                if t.numel() != h.shape[0]:       # one level per call: every row shares the step's sigma
+                    t = t[:1].expand(h.shape[0])
             delta = self.direction.delta_for(h, t, self.scale).to(h)
             if self.keep_seen:
                 self.seen.append(delta.detach())

@@ -51,9 +51,12 @@ class Meter:
 
         def fwd(module, args, output):
             self.rows += int(args[0].shape[0])
-            # a backward pass through the UNet reaches its input (guidance losses need not use its output)
+            # a backward pass through the UNet reaches its input (guidance losses need not use its output);
+            # direction training needs no input gradient: there the backward starts at the output
             if isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                 args[0].register_hook(self._count_backward)
+            elif isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._count_backward)
 
         self.handle = unet.register_forward_hook(fwd)
 
@@ -161,6 +164,22 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
             **sampling({"class_type": "Z2I_AsyrpSampler", "inputs": {
                 "direction": ["dir", 0], "scale": 1.0, "unit": "percent", "edit_until": 0.5, "boost_from": 1.0}},
                 positive="src", cfg=1.0)}, "s", "noise_seed"),
+        "AGG + CLIP style loss (tiny open_clip, 8 cutouts)": ({
+            "oc": {"class_type": "Z2I_OpenCLIPLoader", "inputs": {"name": "z2i-tiny-clip.safetensors",
+                                                                  "architecture": "auto (config beside the weights)"}},
+            **sampling({"class_type": "Z2I_AGGSampler", "inputs": {
+                "inversion": ["inv", 1], "lambda_reg": 0.1, "guided_until": 0.3, "masked_until": 0.8, "dds_steps": 10,
+                "dds_lr": 0.01, "eta": 0.0, "style_clip": ["oc", 0], "vae": ["ckpt", 2], "style_source": "a photo",
+                "style_target": "an oil painting", "lambda_style": 1.0, "cutouts": 8}}, positive="src", cfg=1.0)},
+            "s", "noise_seed"),
+        "h-space direction training (global, 1 image, 1 pass, first 50%)": ({
+            "oc": {"class_type": "Z2I_OpenCLIPLoader", "inputs": {"name": "z2i-tiny-clip.safetensors",
+                                                                  "architecture": "auto (config beside the weights)"}},
+            "train": {"class_type": "Z2I_HDirectionTrain", "inputs": {
+                "model": ["ckpt", 0], "vae": ["ckpt", 2], "clip_loss_model": ["oc", 0], "latent": ["enc", 0],
+                "positive": ["src", 0], "source_text": "a photo of a cat", "target_text": "a photo of a dog",
+                "kind": "global", "steps": steps, "edit_until": 0.5, "iterations": 1, "lr": 0.05, "lambda_clip": 0.8,
+                "lambda_recon": -1.0, "hidden": 512, "seed": 0}}}, "train", "seed"),
     }
 
 
@@ -470,6 +489,13 @@ def write_markdown(path: Path, results: list, args) -> None:
               "where ComfyUI skips the unconditional half. pix2pix-zero adds a reference row and a guided row with "
               "one backward pass per step; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
               "only (the numbers are per-step averages over all steps).",
+              "- The two CLIP-loss rows use the tiny random open_clip (32 px input), so they show the structure of "
+              "the cost (a VAE decode and a CLIP pass with backward per evaluation), not what a ViT-B/32 on a 512 px "
+              "decode costs. AGG + style runs at cfg 1 with the caption as its only prompt and decodes x0 in the "
+              "MCG step and in each of the 10 DDS steps of a guided step. Direction training is timed for the whole "
+              "node (its inversion, then per editing step one no-grad source row, one no-grad edited row and one "
+              "edited row with delta_h and a backward pass from the UNet output to delta_h); it runs once per "
+              "direction, not per image edited.",
               "- Peak RSS is measured after glibc's malloc_trim, so it is the run's own transient memory. Gradient "
               "guidance aliases the inference-mode weights (no copy), so pix2pix-zero's extra is activations "
               "kept for the backward pass and the one step of reference maps.",
