@@ -18,8 +18,8 @@ from ..guidance.asyrp_train import asyrp_loss, make_trainable, train_direction
 from ..guidance.autograd import autograd_parameters
 from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch, hspace_output_block_patch
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IInputError, check_latent, file_fingerprint, interruptible, load_safetensors,
-                    model_signature, register_model_folder, save_unique, schedule_sigmas, unet_of)
+from ._host import (Z2IInputError, check_latent, downsample_factor, file_fingerprint, interruptible,
+                    load_safetensors, model_signature, register_model_folder, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
@@ -184,9 +184,8 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
     extra_args = extra_args or {}
     base = model.inner_model.inner_model
     ms = base.model_sampling
-    asc = torch.cat([sigmas.new_zeros(1), sigmas[:-1].flip(0)])
-    with torch.inference_mode(False), torch.no_grad():
-        x_T = sample_ddim_invert(model, x.clone(), asc, extra_args=extra_args, callback=interruptible(None),
+    with torch.inference_mode(False), torch.no_grad():      # the schedule ends at 0: flipped, it starts there
+        x_T = sample_ddim_invert(model, x.clone(), sigmas.flip(0), extra_args=extra_args, callback=interruptible(None),
                                  sigma_floor=float(ms.sigma_min))
     edit_steps = job["edit_steps"]
     h_shape = _h_shape(base, x)
@@ -226,7 +225,6 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
 
 def _h_shape(base, x) -> tuple:
     """Shape of the middle-block output for latents like x: channels of the middle block, size / 2^downsamples."""
-    from ._host import downsample_factor
     unet = base.diffusion_model
     f = downsample_factor(unet)
     ch = None
