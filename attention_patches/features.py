@@ -39,5 +39,8 @@ def attn1_output_capture(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
     cou = list(extra_options.get("cond_or_uncond") or [0])
     for ci, chunk in zip(cou, n.chunk(len(cou))):
         if ci in call.conds:
-            call.features[(site, ci)] = (chunk if call.keep_graph else chunk.detach(), hw)
+            t = chunk if call.keep_graph else chunk.detach()
+            old = call.features.get((site, ci))
+            # a cond split over several calls (per-image rows, or core's memory chunking) is concatenated
+            call.features[(site, ci)] = (torch.cat([old[0], t]) if old is not None else t, hw)
     return n

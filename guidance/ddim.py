@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedules import append_dims, ddim_noise_split, eps_from_denoised
+from .schedules import append_dims, ddim_noise_split, eps_from_denoised, to_vp
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +41,51 @@ def ddim_step(x0_pred: torch.Tensor, eps_dir: torch.Tensor, sigma, sigma_next, e
             raise ValueError("ddim_step: eta > 0 needs a noise tensor")
         out = out + append_dims(torch.as_tensor(sigma_up, dtype=x0_pred.dtype, device=x0_pred.device), nd) * noise
     return out
+
+
+def ends_at_floor(sigmas: torch.Tensor, sigma_floor: Optional[float]) -> bool:
+    """True when a descending schedule ends at the model's lowest trained level sigma(0) > 0 instead of at 0:
+    the grid of diffusers' DDIMScheduler with set_alpha_to_one=False, whose last step lands on abar_0."""
+    last = float(sigmas[-1])
+    return sigma_floor is not None and last > 0 and abs(last - float(sigma_floor)) <= 1e-5 * float(sigma_floor)
+
+
+def finish(x: torch.Tensor, sigmas: torch.Tensor, sigma_floor: Optional[float]) -> torch.Tensor:
+    """The sampler's result. A schedule that ends at sigma(0) (the Z2I inversion's "diffusers" variant) ends as
+    diffusers' DDIM does: the latent at abar_0 read in VP units, x / sqrt(1 + sigma(0)^2), the clean latent the
+    inversion started from. Any other schedule (every core scheduler ends at 0) returns x unchanged."""
+    return to_vp(x, sigmas[-1]) if ends_at_floor(sigmas, sigma_floor) else x
+
+
+def model_sigma_floor(model) -> Optional[float]:
+    """sigma(0) of a k-diffusion-wrapped ComfyUI model (KSAMPLER's `model`), or None when it has no schedule."""
+    inner = model
+    for _ in range(4):
+        ms = getattr(inner, "model_sampling", None)
+        if ms is not None and hasattr(ms, "sigma_min"):
+            return float(ms.sigma_min)
+        inner = getattr(inner, "inner_model", None)
+        if inner is None:
+            return None
+    return None
+
+
+def per_row(model):
+    """The denoiser evaluated one batch row at a time (results concatenated in order), so that every image of a
+    batch is computed with exactly the kernels it gets alone: CPU and GPU kernels may partition a batch
+    differently from a single row, and inversion or guidance amplifies those last-digit differences. With an
+    inpainting mask (`denoise_mask`, whose companions are held batch-wide by core) the batch is evaluated whole."""
+    def call(x, sigma, **kwargs):
+        if x.shape[0] == 1 or kwargs.get("denoise_mask") is not None:
+            return model(x, sigma, **kwargs)
+        s = torch.as_tensor(sigma)
+        s = s.expand(x.shape[0]) if s.ndim == 0 else s
+        return torch.cat([model(x[i:i + 1], s[i:i + 1], **kwargs) for i in range(x.shape[0])])
+
+    for name in ("inner_model", "model_sampling"):          # what samplers and helpers look up on a denoiser
+        if hasattr(model, name):
+            setattr(call, name, getattr(model, name))
+    return call
 
 
 def seeded_noise_sampler(x: torch.Tensor, seed: Optional[int]) -> NoiseSampler:
@@ -66,6 +111,8 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
     if eta > 0 and noise_sampler is None:
         noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
+    floor = model_sigma_floor(model)
+    model = per_row(model)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
@@ -77,4 +124,4 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
         eps = eps_from_denoised(x, sigma, denoised)
         noise = noise_sampler(sigma, sigma_next) if eta > 0 else None
         x = ddim_step(denoised, eps, sigma, sigma_next, eta=eta, noise=noise)
-    return x
+    return finish(x, sigmas, floor)

@@ -9,10 +9,16 @@ Where eps is predicted is the only difference between the two variants:
 - "current": eps = eps_theta(x_t, t), at the level the latent is at (Euler on the flipped schedule; ODE
   consistent; what core's FlipSigmas + euler "unsampler" does).
 - "target":  eps = eps_theta(x_t, u), the UNet sees the same VP input x_t^VP but the next timestep u
-  (diffusers' DDIMInverseScheduler and the pix2pix-zero code). In sigma space the input is rescaled:
+  (the evaluation rule of diffusers' DDIMInverseScheduler). In sigma space the input is rescaled:
   x' = x_t / sqrt(1 + sigma_t^2) * sqrt(1 + sigma_u^2).
+- "diffusers": the "target" rule on diffusers' grid, reproducing DDIMInverseScheduler with
+  set_alpha_to_one=False (shared/design/reference-parity.md section 2): the clean latent is read as the VP latent
+  at the lowest trained level abar_0, so the schedule starts at sigmas[0] = sigma(0) > 0 and x starts at
+  z * sqrt(1 + sigma(0)^2). Samplers that end a schedule at that level return x / sqrt(1 + sigma(0)^2)
+  (guidance.ddim.finish), so the pair round-trips and matches diffusers' output latents.
 A step that starts from the clean latent (sigma 0) evaluates the "current" eps at the lowest trained level
 (t = 0, `sigma_floor`) with the same rescaling, since the denoiser cannot give eps at sigma 0.
+(The official pix2pix-zero repository inverts differently again: eps near the current level over 48 steps.)
 
 Optional on every step:
 - `refine` fixed-point iterations x_u <- x_t + (sigma_u - sigma_t) * eps(x_u, u), which make the step the
@@ -27,10 +33,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .ddim import ddim_step
-from .schedules import append_dims, eps_from_denoised
+from .ddim import ddim_step, per_row
+from .schedules import append_dims, eps_from_denoised, from_vp
 
-VARIANTS = ("current", "target")
+VARIANTS = ("current", "target", "diffusers")
 
 
 @dataclass(frozen=True)
@@ -93,10 +99,15 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     if bool((sigmas[1:] <= sigmas[:-1]).any()):
         raise ValueError("inversion sigmas must be strictly ascending (flip the sampling schedule)")
     extra_args = {} if extra_args is None else extra_args
+    model = per_row(model)
+    if variant == "diffusers":
+        if not float(sigmas[0]) > 0:
+            raise ValueError("the diffusers variant starts at the lowest trained level sigma(0) > 0, not at 0")
+        x = from_vp(x, sigmas[0])
     latents, x0s, epss = [x], [], []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if variant == "target":
+        if variant in ("target", "diffusers"):
             sigma_eval = sigma_next
         elif float(sigma) > 0:
             sigma_eval = sigma

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 
 def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
-    """pix2pix-zero L_xa (Eq. 5, as the official code reduces it): squared L2 distance of the cross-attention
-    maps, summed over query positions and tokens, averaged over batch and heads, summed over layers.
+    """pix2pix-zero L_xa (Eq. 5): squared L2 distance of the cross-attention maps, summed over query positions
+    and tokens, averaged over heads (the official code averages over its rows, heads x CFG halves: the code form
+    of guidance.pix2pix_zero halves each branch's loss to match), summed over the batch and over layers. Summing
+    over the batch gives each image the gradient it would get alone.
 
     `edit` and `reference` map a key (site, cond index) to maps [b, heads, Nq, Nk]; keys missing from the
     reference are skipped. The reference is treated as a constant.
@@ -19,7 +21,7 @@ def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
         m_ref = reference.get(key)
         if m_ref is None:
             continue
-        d = (m_edit.float() - m_ref.detach().float().to(m_edit.device)).pow(2).sum(dim=(-2, -1)).mean()
+        d = (m_edit.float() - m_ref.detach().float().to(m_edit.device)).pow(2).sum(dim=(-2, -1)).mean(dim=-1).sum()
         total = d if total is None else total + d
     if total is None:
         raise ValueError("no cross-attention maps in common between the edit and the reference pass")
@@ -27,14 +29,16 @@ def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
 
 
 def patch_nce_loss(reference: dict, edit: dict, n_patches: int = 256, tau: float = 0.07, scales=(1, 2),
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """PatchNCE (pix2pix-zeroCon Eq. 15-16, CUT/CDS form), summed over layers and scales, mean over batch.
+                   generator: Optional[torch.Generator] = None, ids: Optional[dict] = None) -> torch.Tensor:
+    """PatchNCE (pix2pix-zeroCon Eq. 15-16, CUT/CDS form), summed over layers and scales; per image the mean
+    over its drawn locations, summed over the batch (each image's gradient is what it would be alone).
 
     For each layer, features [b, N, C] with their (h, w) are average-pooled by each scale, L2-normalised per
     location, and `n_patches` locations are drawn (the same for both sides). The query is the reference (source)
     feature at a location, the positive the edited feature at the same location, the negatives the edited
     features at the other drawn locations: cross-entropy over logits q_i . e_j / tau with targets on the diagonal.
-    The reference side is a constant.
+    The reference side is a constant. `ids` (optional dict): locations drawn for a (layer, scale) are stored
+    there and reused when the key is already present, so two passes of one step share them.
     """
     total = None
     for key, (f_edit, hw) in edit.items():
@@ -46,11 +50,16 @@ def patch_nce_loss(reference: dict, edit: dict, n_patches: int = 256, tau: float
             e, r = F.normalize(e, dim=-1), F.normalize(r, dim=-1)
             n = e.shape[1]
             k = min(n_patches, n)
-            ids = torch.randperm(n, generator=generator)[:k].to(e.device)
-            q, pos = r.index_select(1, ids), e.index_select(1, ids)
+            if ids is not None and (key, s) in ids:
+                sel = ids[(key, s)]
+            else:
+                sel = torch.randperm(n, generator=generator)[:k].to(e.device)
+                if ids is not None:
+                    ids[(key, s)] = sel
+            q, pos = r.index_select(1, sel), e.index_select(1, sel)
             logits = q @ pos.transpose(1, 2) / tau                      # [b, k, k]
             target = torch.arange(k, device=e.device).expand(e.shape[0], k)
-            loss = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1), reduction="sum") / k
             total = loss if total is None else total + loss
     if total is None:
         raise ValueError("no features in common between the edit and the reference pass")

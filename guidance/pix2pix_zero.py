@@ -1,23 +1,28 @@
 """pix2pix-zero editing with cross-attention guidance (Parmar et al., section 3.3, Alg. 1;
-shared/design/algorithms.md section 4.2 steps 4-5 and pitfalls 4.6).
+shared/design/algorithms.md section 4.2 steps 4-5 and pitfalls 4.6; reference-parity.md sections 1-2).
 
-Per timestep, two branches advance in lockstep from the same inverted x_T:
+Per timestep, a reference branch and the edit advance in lockstep from the same inverted x_T:
 - reference: DDIM with the source caption, CFG-neutral (the caption is also the negative prompt in the
   paper's code, so eps_u = eps_c: one conditional evaluation suffices). Its cross-attention maps M_ref of this
-  step are captured, used once by the edit branch, and dropped: memory is one step of maps instead of
-  every step as in the official code.
-- edit: one gradient step on the latent against L_xa = ||M_edit - M_ref||^2 (losses.cross_attention_loss),
-  taken through the UNet on the conditional (edited prompt) branch, with the paper's step size lambda_xa in
-  VP latent units: x_vp <- x_vp - lambda * grad_{x_vp} L, which in sigma space is
-  x <- x - lambda * (1 + sigma^2) * grad_x L (comfyui-internals.md section 2.3). Then the ordinary CFG
-  prediction at the updated latent and the DDIM step from it (the code's choice, pitfall 4.2 step 5).
-The paper's code keeps the unconditional half's updated latent and mixes CFG branches evaluated at two
-latents; here one latent is updated from the conditional branch's maps and fed to both CFG halves.
-lambda = 0 skips the reference branch and the gradient: exactly plain DDIM with the edited conditioning.
+  step are captured, used by the edit, and dropped: one step of maps instead of every step as in the code.
+- edit, two forms (`form`):
+  "code" (default; what the official code and diffusers' StableDiffusionPix2PixZeroPipeline do, and so what
+  the paper's figures show): both CFG halves are guided from the same latent x with
+  L_b = sum_layers (1/2) mean_heads ||M_b(x) - M_ref||_F^2 for b = u (the negative prompt, i.e. the caption:
+  its own drift from the reference) and b = c (the edited prompt) -- the code averages over 2 x heads rows --
+  each moved by one SGD step of size lambda in VP units: x_b = x - lambda (1 + sigma^2) grad_x L_b
+  (comfyui-internals.md section 2.3). eps is re-evaluated at the two moved latents, mixed by CFG in eps space
+  (`combine`), and the DDIM step is taken from x_u.
+  "single latent" (Alg. 1's box, ours to keep): one latent moved by the edited branch's loss (mean over heads,
+  not halved, so at the same lambda its step is twice the code's per-branch step), then the ordinary CFG
+  prediction at the moved latent. One backward pass per step instead of two.
+Losses are summed over the batch (per image: mean over heads), so an image gets the same step in a batch as
+alone. lambda = 0 skips the reference branch and the gradients: exactly plain DDIM with the edited conditioning.
 
 pix2pix-zeroCon (Si et al., section IV-B, Eq. 14-18) adds a PatchNCE term on UNet token features of the same
-two branches: L_t = lambda_c * L_xa + lambda_e * L_PatchNCE (Eq. 17), one gradient step of size lambda (Eq. 18).
-The reference features are captured by the same lockstep reference call, so they also live one step only.
+branches: L_t = lambda_c * L_xa + lambda_e * L_PatchNCE (Eq. 17), one gradient step of size lambda (Eq. 18).
+The reference features are captured by the same lockstep reference call, so they also live one step only; in
+the code form both halves use the same patch locations (as one batched pass would) and the 1/2 of the row mean.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 
 from ..attention_patches.controller import AttentionCall, Capture, MapStore
 from ..attention_patches.features import FeatureCall
-from .ddim import ddim_step
+from .ddim import ddim_step, finish
 from .losses import cross_attention_loss, patch_nce_loss
 from .schedules import append_dims, eps_from_denoised
 
@@ -49,10 +54,15 @@ class Contrastive:
     generator: Optional[torch.Generator] = None
 
 
+FORMS = ("code", "single")
+
+
 def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, reference_maps: dict, step: int,
                      lam: float, sites=None, contrastive: Optional[Contrastive] = None,
-                     reference_features: Optional[dict] = None) -> tuple[torch.Tensor, float]:
-    """One pix2pix-zero (or zeroCon) gradient step on the latent. Returns (updated x, loss before the step)."""
+                     reference_features: Optional[dict] = None, weight: float = 1.0,
+                     patch_ids: Optional[dict] = None) -> tuple[torch.Tensor, float]:
+    """One pix2pix-zero (or zeroCon) gradient step on the latent against the loss of `denoise_edit`'s maps
+    (times `weight`). Returns (updated x, loss before the step)."""
     store = MapStore(sites=sites, conds=(0,), keep_graph=True, max_steps=1)
     feats = FeatureCall(sites=contrastive.sites, keep_graph=True) if contrastive is not None else None
     with torch.inference_mode(False), torch.enable_grad():
@@ -67,7 +77,9 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
             if contrastive.lambda_e != 0:
                 loss = loss + contrastive.lambda_e * patch_nce_loss(
                     reference_features, feats.features, contrastive.n_patches, contrastive.tau, contrastive.scales,
-                    contrastive.generator)
+                    contrastive.generator, ids=patch_ids)
+        if weight != 1.0:
+            loss = loss * weight
         grad, = torch.autograd.grad(loss, xg)
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     x_new = x - lam * append_dims(1 + s * s, x.ndim) * grad.to(x.dtype)
@@ -78,14 +90,22 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                         denoise_edit: DenoiseWithCall, denoise_cfg: Denoise, lam: float = 0.1, sites=None,
                         map_dtype: torch.dtype = torch.float32, callback: Optional[Callable[[dict], None]] = None,
                         stats: Optional[dict] = None, check_loss: bool = False,
-                        contrastive: Optional[Contrastive] = None) -> torch.Tensor:
-    """Implements pix2pix-zero's edit pass (Alg. 1 lines 5-11) from an inverted x_T over descending sigmas.
+                        contrastive: Optional[Contrastive] = None, form: str = "code",
+                        combine: Optional[Callable] = None, sigma_floor: Optional[float] = None) -> torch.Tensor:
+    """Implements pix2pix-zero's edit pass from an inverted x_T over descending sigmas.
 
-    denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral); denoise_edit(x, sigma, call): D with
-    the edited prompt only; denoise_cfg(x, sigma): the full CFG prediction. `stats` (optional dict) receives the
-    per-step losses and the reference store's peak number of steps held; `check_loss` also records the loss after
-    each step's update (one more UNet call per step, for tests).
+    denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral; in the code form also the guided
+    uncond half); denoise_edit(x, sigma, call): D with the edited prompt only; denoise_cfg(x, sigma): the full CFG
+    prediction (single form and lambda = 0); combine(x_u, d_u, x_c, d_c, sigma) -> the CFG prediction at x_u of
+    eps_u = (x_u - d_u)/sigma and eps_c = (x_c - d_c)/sigma mixed in eps space (code form). `stats` (optional
+    dict) receives the per-step losses and the reference store's peak number of steps held; `check_loss` also
+    records the loss after each step's update (one more UNet call per step, for tests). A schedule ending at the
+    model's sigma(0) (`sigma_floor`) returns diffusers' clean latent (guidance.ddim.finish).
     """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form == "code" and lam != 0 and combine is None:
+        raise ValueError("the code form needs `combine` (eps-space CFG of two latents)")
     ref_store = MapStore(sites=sites, conds=(0,), dtype=map_dtype, max_steps=1)
     call_sites = frozenset(sites) if sites else None
     x_ref, x_edit = x, x
@@ -98,18 +118,34 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             ref_call = AttentionCall(i, [Capture(ref_store)], call_sites)
             d_ref = denoise_ref(x_ref, sigma, ref_call) if ref_feats is None else \
                 denoise_ref(x_ref, sigma, ref_call, feature_call=ref_feats)
-            x_edit, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_store.step(i), i, lam, sites,
-                                            contrastive, ref_feats.features if ref_feats is not None else None)
+            ref_maps, feats = ref_store.step(i), (ref_feats.features if ref_feats is not None else None)
+            if form == "single":
+                x_edit, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
+                                                feats)
+                denoised = denoise_cfg(x_edit, sigma)
+            else:
+                ids = {} if contrastive is not None else None          # one set of patch locations per step
+                x_u, loss_u = xa_guidance_step(x_edit, sigma, denoise_ref, ref_maps, i, lam, sites, contrastive,
+                                               feats, weight=0.5, patch_ids=ids)
+                x_c, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
+                                             feats, weight=0.5, patch_ids=ids)
+                d_u = denoise_ref(x_u, sigma, None)
+                d_c = denoise_edit(x_c, sigma, None)
+                denoised = combine(x_u, d_u, x_c, d_c, sigma)
+                x_edit = x_u
             losses.append(loss)
             if check_loss:
                 probe = MapStore(sites=sites, conds=(0,), max_steps=1)
-                denoise_edit(x_edit, sigma, AttentionCall(i, [Capture(probe)], call_sites))
-                losses_after.append(float(cross_attention_loss(probe.step(i), ref_store.step(i))))
+                x_probe = x_c if form == "code" else x_edit
+                denoise_edit(x_probe, sigma, AttentionCall(i, [Capture(probe)], call_sites))
+                after = cross_attention_loss(probe.step(i), ref_maps)
+                losses_after.append(float(after) * (0.5 if form == "code" else 1.0))
             step_bytes = max(step_bytes, ref_store.nbytes())
             ref_store.drop(i)
             x_ref = ddim_step(d_ref, eps_from_denoised(x_ref, sigma, d_ref), sigma, sigma_next) \
                 if float(sigma_next) > 0 else d_ref
-        denoised = denoise_cfg(x_edit, sigma)
+        else:
+            denoised = denoise_cfg(x_edit, sigma)
         if callback is not None:
             callback({"x": x_edit, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if float(sigma_next) == 0:
@@ -118,5 +154,5 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             x_edit = ddim_step(denoised, eps_from_denoised(x_edit, sigma, denoised), sigma, sigma_next)
     if stats is not None:
         stats.update(losses=losses, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps,
-                     ref_step_bytes=step_bytes, steps=len(sigmas) - 1)
-    return x_edit
+                     ref_step_bytes=step_bytes, steps=len(sigmas) - 1, form=form)
+    return finish(x_edit, sigmas, sigma_floor)

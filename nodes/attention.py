@@ -10,6 +10,7 @@ from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCal
 from ..attention_patches.features import FEATURE_KEY, FeatureCall, attn1_output_capture
 from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
+from ..guidance.ddim import model_sigma_floor
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
 from ._host import Z2IInputError, interruptible
 
@@ -23,8 +24,12 @@ class GuidedCalls:
     options, never into the MODEL, so nothing leaks into clones, other graphs or later runs.
     """
 
-    def __init__(self, model, extra_args: dict, node: str, self_attention: bool = False):
+    def __init__(self, model, extra_args: dict, node: str, self_attention: bool = False, rowwise: bool = False):
+        """rowwise: evaluate every UNet call one batch row at a time, so that each image of a batch is computed
+        with exactly the kernels it gets alone (CPU/GPU kernels may partition a batch differently from a single
+        row, and a guided loop amplifies those last-digit differences). Not used with an inpainting mask."""
         self.model, self.extra_args = model, extra_args
+        self.rowwise = rowwise and extra_args.get("denoise_mask") is None
         self.guider = model.inner_model
         self.base = self.guider.inner_model
         self.unet = self.base.diffusion_model
@@ -58,10 +63,26 @@ class GuidedCalls:
                 mo["transformer_options"][SELF_CALL_KEY] = self_call
             if feature_call is not None:
                 mo["transformer_options"][FEATURE_KEY] = feature_call
-            s = sigma * x.new_ones([x.shape[0]])
-            return comfy.samplers.calc_cond_batch(self.base, [conds], x, s, mo)[0]
+            def one(xr):
+                return comfy.samplers.calc_cond_batch(self.base, [conds], xr, sigma * xr.new_ones([xr.shape[0]]), mo)[0]
+            return self.by_rows(one, x)
 
         return run
+
+    def by_rows(self, fn, x):
+        """fn(x) for the whole batch, or row by row (concatenated in order) when rowwise."""
+        if not self.rowwise or x.shape[0] == 1:
+            return fn(x)
+        return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+
+    def combine(self, x_u, d_u, x_c, d_c, sigma):
+        """CFG in eps space of two predictions made at two latents (pix2pix-zero's code form), through core's
+        cfg_function so that CFG patches (RescaleCFG, post-CFG hooks) apply: the cond prediction is re-expressed
+        at x_u with the same eps, d_c + (x_u - x_c), and core mixes it with d_u at x_u."""
+        s = sigma * x_u.new_ones([x_u.shape[0]])
+        return comfy.samplers.cfg_function(self.base, d_c + (x_u - x_c), d_u, self.guider.cfg, x_u, s,
+                                           model_options=self.extra_args.get("model_options", {}),
+                                           cond=self.conds("positive"), uncond=self.conds("negative"))
 
     def denoise_cfg(self, x, sigma, call: AttentionCall = None):
         """The full CFG prediction through ComfyUI's guider; with `call`, the MODEL's own attn2 patches
@@ -71,13 +92,21 @@ class GuidedCalls:
             mo = dict(extra.get("model_options", {}))
             mo["transformer_options"] = {**mo.get("transformer_options", {}), CALL_KEY: call}
             extra = {**extra, "model_options": mo}
-        return self.model(x, sigma * x.new_ones([x.shape[0]]), **extra)
+        return self.by_rows(lambda xr: self.model(xr, sigma * xr.new_ones([xr.shape[0]]), **extra), x)
+
+
+FORMS = {"both halves (official code)": "code", "single latent (paper Alg. 1)": "single"}
+FORM_TOOLTIP = ("'both halves (official code)': as the authors' code and diffusers do (what the paper's figures "
+                "show): the caption half and the edited half each take their own gradient step, eps is "
+                "re-evaluated at both and mixed by CFG. 'single latent (paper Alg. 1)': one latent guided by the "
+                "edited branch, cheaper (one backward pass per step instead of two); at the same step size it "
+                "moves twice as far as the code's per-branch step.")
 
 
 def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_guidance=0.1, layers="",
-             map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None):
+             map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code"):
     node = node or P2PZ
-    calls = GuidedCalls(model, extra_args or {}, node)
+    calls = GuidedCalls(model, extra_args or {}, node, rowwise=True)
     if not calls.conds("negative"):
         raise Z2IInputError(node, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt, as pix2pix-zero does")
@@ -94,7 +123,7 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
     run = lambda: sample_pix2pix_zero(  # noqa: E731
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
         sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
-        contrastive=contrastive)
+        contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model))
     if xa_guidance == 0:
         return run()
     with autograd_parameters(calls.unet):
@@ -112,8 +141,10 @@ class Pix2PixZeroSampler(io.ComfyNode):
                 "pix2pix-zero (Parmar et al. 2023, Alg. 1): edits an inverted image with cross-attention "
                 "guidance. Wire SamplerCustom with add_noise off, the inversion's noise and sigmas, positive = "
                 "the caption with the edit direction applied, negative = the caption itself, cfg about 5. "
-                "Each step a CFG-neutral reference branch (the caption) runs beside the edit, and the edit latent "
-                "takes one gradient step toward the reference's cross-attention maps, keeping the structure."),
+                "Each step a CFG-neutral reference branch (the caption) runs beside the edit, and the edit takes "
+                "one gradient step toward the reference's cross-attention maps, keeping the structure. By default "
+                "both CFG halves are guided as the authors' code and diffusers do; give the inversion's 'diffusers "
+                "(exact)' variant and cfg equal to diffusers' guidance_scale to reproduce diffusers' pipeline."),
             inputs=[
                 io.Float.Input("xa_guidance", default=0.1, min=0.0, max=10.0, step=0.01,
                                tooltip="lambda_xa, the gradient step size in the paper's latent units "
@@ -125,15 +156,18 @@ class Pix2PixZeroSampler(io.ComfyNode):
                                         "uses all of them."),
                 io.Combo.Input("map_precision", options=["fp32", "fp16"], default="fp32",
                                tooltip="Storage of the reference maps (one step at a time). fp16 halves it."),
+                io.Combo.Input("guidance_form", options=list(FORMS), default=next(iter(FORMS)), optional=True,
+                               tooltip=FORM_TOOLTIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, xa_guidance, layers, map_precision) -> io.NodeOutput:
+    def execute(cls, xa_guidance, layers, map_precision, guidance_form=next(iter(FORMS))) -> io.NodeOutput:
         opts = {"xa_guidance": float(xa_guidance), "layers": layers,
-                "map_dtype": torch.float16 if map_precision == "fp16" else torch.float32}
+                "map_dtype": torch.float16 if map_precision == "fp16" else torch.float32,
+                "form": _form(P2PZ, guidance_form)}
         return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options=opts))
 
 
@@ -172,17 +206,27 @@ class Pix2PixZeroConSampler(io.ComfyNode):
                              tooltip="Seed of the random patch locations (drawn anew each step)."),
                 io.String.Input("layers", default="input,middle,output",
                                 tooltip="Cross-attention layers in L_xa (as in the pix2pix-zero sampler)."),
+                io.Combo.Input("guidance_form", options=list(FORMS), default=next(iter(FORMS)), optional=True,
+                               tooltip=FORM_TOOLTIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, lambda_step, lambda_c, lambda_e, feature_layers, n_patches, tau, seed, layers) -> io.NodeOutput:
+    def execute(cls, lambda_step, lambda_c, lambda_e, feature_layers, n_patches, tau, seed, layers,
+                guidance_form=next(iter(FORMS))) -> io.NodeOutput:
         spec = {"lambda_c": float(lambda_c), "lambda_e": float(lambda_e), "feature_layers": feature_layers,
                 "n_patches": int(n_patches), "tau": float(tau)}
         return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options={
-            "xa_guidance": float(lambda_step), "layers": layers, "contrastive": (spec, int(seed)), "node": ZEROCON}))
+            "xa_guidance": float(lambda_step), "layers": layers, "contrastive": (spec, int(seed)), "node": ZEROCON,
+            "form": _form(ZEROCON, guidance_form)}))
+
+
+def _form(node: str, value: str) -> str:
+    if value not in FORMS:
+        raise Z2IInputError(node, "guidance_form", f"unknown value {value!r}", f"use one of {list(FORMS)}")
+    return FORMS[value]
 
 
 NODES = [Pix2PixZeroSampler, Pix2PixZeroConSampler]

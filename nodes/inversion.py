@@ -15,7 +15,7 @@ from ._host import (Z2IInputError, check_cond_batch, check_latent, interruptible
 from .types import Inversion, InversionType
 
 NODE = "Z2I DDIM Inversion"
-VARIANTS = {"current level": "current", "target timestep": "target"}
+VARIANTS = {"current level": "current", "target timestep": "target", "diffusers (exact)": "diffusers"}
 
 
 def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
@@ -49,8 +49,13 @@ class DDIMInversion(io.ComfyNode):
                 io.Combo.Input("variant", options=list(VARIANTS), default="current level",
                                tooltip="'current level': eps predicted where the latent is (exact Euler "
                                        "inverse of the ODE; default). 'target timestep': eps predicted at the "
-                                       "next timestep, as diffusers' DDIMInverseScheduler and the pix2pix-zero "
-                                       "code do."),
+                                       "next timestep (the rule of diffusers' DDIMInverseScheduler) from "
+                                       "sigma 0. 'diffusers (exact)': reproduces diffusers' pix2pix-zero "
+                                       "inversion: the clean latent sits at the lowest trained level, the "
+                                       "regulariser draws its shifts as diffusers does, and the returned "
+                                       "sigmas end at that level, where every Z2I sampler returns the clean "
+                                       "latent as diffusers does. Use it to match the paper's released "
+                                       "results; the other two are ours."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance while inverting. 1 = none, as every paper "
                                        "inverts; larger values break reconstruction. Needs 'negative' when not 1."),
@@ -100,15 +105,26 @@ class DDIMInversion(io.ComfyNode):
                                     "connect one, or set cfg to 1 (the papers invert without guidance)")
             negative = positive
         sigmas = schedule_sigmas(model, scheduler, steps, denoise)
+        sigma_floor = float(model.get_model_object("model_sampling").sigma_min)
+        if VARIANTS[variant] == "diffusers":
+            if not float(sigmas[-2]) > sigma_floor:
+                raise Z2IInputError(NODE, "scheduler", "the schedule's last level is already the model's lowest",
+                                    "use 'ddim_uniform' (diffusers' grid) or another scheduler ending at 0")
+            sigmas = sigmas.clone()
+            sigmas[-1] = sigma_floor          # diffusers' set_alpha_to_one=False: the clean latent sits at abar_0
         ascending = sigmas.flip(0)
         reg = None
-        if regularize:
+        if regularize and VARIANTS[variant] == "diffusers":
+            gens = [torch.Generator().manual_seed(int(reg_seed)) for _ in range(samples.shape[0])]
+            reg = lambda eps, i: regularize_noise(eps, reg_lambda, reg_lambda, reg_iterations,  # noqa: E731
+                                                  generator=gens, style="diffusers")
+        elif regularize:
             gen = torch.Generator().manual_seed(int(reg_seed))
             reg = lambda eps, i: regularize_noise(eps, reg_lambda, reg_lambda, reg_iterations,  # noqa: E731
                                                   generator=gen)
         record: list = []
         options = {"variant": VARIANTS[variant], "refine": int(refine_iterations), "regularize": reg,
-                   "record": record, "sigma_floor": float(model.get_model_object("model_sampling").sigma_min)}
+                   "record": record, "sigma_floor": sigma_floor}
         sampler = comfy.samplers.KSAMPLER(_invert_fn, extra_options=options)
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
         callback = latent_preview.prepare_callback(model, steps)

@@ -117,7 +117,20 @@ def test_cross_attention_loss_is_squared_l2_summed_over_layers():
     a, b = Site("input", 1, 0), Site("output", 3, 0)
     e = {(a, 0): torch.ones(2, 8, 4, 77), (b, 0): torch.zeros(1, 8, 4, 77)}
     r = {(a, 0): torch.zeros(2, 8, 4, 77), (b, 0): torch.ones(1, 8, 4, 77)}
-    assert cross_attention_loss(e, r).item() == pytest.approx(2 * 4 * 77)
+    # per image: sum over (queries, tokens), mean over heads; summed over the batch and the layers
+    assert cross_attention_loss(e, r).item() == pytest.approx(2 * 4 * 77 + 1 * 4 * 77)
     assert cross_attention_loss(e, e).item() == 0
     with pytest.raises(ValueError):
         cross_attention_loss(e, {})
+
+
+def test_cross_attention_loss_gives_each_image_its_single_image_gradient():
+    a = Site("input", 1, 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 77, generator=g, requires_grad=True)
+    ref = torch.randn(2, 8, 4, 77, generator=g)
+    grad_batch, = torch.autograd.grad(cross_attention_loss({(a, 0): x}, {(a, 0): ref}), x)
+    for i in range(2):
+        xi = x[i:i + 1].detach().clone().requires_grad_(True)
+        gi, = torch.autograd.grad(cross_attention_loss({(a, 0): xi}, {(a, 0): ref[i:i + 1]}), xi)
+        assert torch.equal(gi, grad_batch[i:i + 1])

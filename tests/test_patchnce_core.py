@@ -28,7 +28,7 @@ def test_equals_hand_written_cross_entropy():
         for i in range(16):
             logits = [float(q[i] @ e[j]) / 0.07 for j in range(16)]
             total += -(logits[i] - math.log(sum(math.exp(v) for v in logits)))   # positive on the diagonal
-    assert abs(float(loss) - total / 32) < 1e-4
+    assert abs(float(loss) - total / 16) < 1e-4       # per image: mean over its 16 locations; summed over 2
 
 
 def test_minimal_for_identical_features():
@@ -59,3 +59,18 @@ def test_capture_patch_stores_per_cond_and_site():
     assert torch.equal(f, n[2:]) and hw == (1, 3) and (SITE, 1) not in call.features
     attn1_output_capture(n, {**opts, "block": ("input", 1)})
     assert len(call.features) == 1
+
+
+def test_each_image_gets_its_single_image_loss_and_shared_locations():
+    ref, edit = feats(0), feats(1)
+    both = patch_nce_loss({(SITE, 0): (ref, (4, 4))}, {(SITE, 0): (edit, (4, 4))}, 8,
+                          generator=torch.Generator().manual_seed(5))
+    alone = sum(float(patch_nce_loss({(SITE, 0): (ref[i:i + 1], (4, 4))}, {(SITE, 0): (edit[i:i + 1], (4, 4))}, 8,
+                                     generator=torch.Generator().manual_seed(5))) for i in range(2))
+    assert abs(float(both) - alone) < 1e-5 * alone
+    ids: dict = {}
+    first = patch_nce_loss({(SITE, 0): (ref, (4, 4))}, {(SITE, 0): (edit, (4, 4))}, 8,
+                           generator=torch.Generator().manual_seed(5), ids=ids)
+    again = patch_nce_loss({(SITE, 0): (ref, (4, 4))}, {(SITE, 0): (edit, (4, 4))}, 8,
+                           generator=torch.Generator().manual_seed(99), ids=ids)     # reuses the stored locations
+    assert len(ids) == 2 and float(first) == float(again)
