@@ -43,7 +43,8 @@ def bench_deps_dir() -> Path:
 
 def ensure_bench_deps() -> Path:
     """Install tools/requirements-bench.txt (no dependencies: the venv has the rest) into the benchmark's own
-    folder once, and put that folder first on sys.path of this process only."""
+    folder once, and put that folder last on sys.path of this process only (it adds packages the venv lacks and
+    shadows none of the venv's)."""
     target = bench_deps_dir()
     if not (target / ".z2i-complete").exists():
         print(f"[benchmark] installing {REQUIREMENTS.name} into {target} (once)", file=sys.stderr, flush=True)
@@ -51,7 +52,7 @@ def ensure_bench_deps() -> Path:
                         "--target", str(target), "-c", str(CONSTRAINTS), "-r", str(REQUIREMENTS)], check=True)
         (target / ".z2i-complete").touch()
     if str(target) not in sys.path:
-        sys.path.insert(0, str(target))
+        sys.path.append(str(target))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -145,4 +145,9 @@ if ! "$python" -c 'import playwright' >/dev/null 2>&1; then
     exit 1
   fi
 fi
+# -- 5. diffusers for the reference-parity test and the benchmark's peer ---------------------------------------
+# Test-and-benchmark only: installed with --no-deps into its own cache folder (tools/requirements-bench.txt),
+# never into the venv, and put on sys.path only by tests/test_diffusers_parity.py and tools/benchmark.py.
+"$python" -c 'import sys; sys.path.insert(0, "tools"); import peer_pix2pix_zero as p; p.ensure_bench_deps()' \
+  >/dev/null || { say "could not install tools/requirements-bench.txt (diffusers)"; exit 1; }
 say "ready: python=$python host=$repo/$host"

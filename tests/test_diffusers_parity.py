@@ -1,0 +1,104 @@
+"""Reference parity: our nodes reproduce diffusers' StableDiffusionPix2PixZeroPipeline (invert() + __call__())
+on the same tiny SD1.5 weights, converted locally (tools/peer_pix2pix_zero.py checks the conversion), with the
+matching settings: the inversion's "diffusers (exact)" variant with its regulariser (lambda 20, 5 x 5 rolls, same
+seed), the pix2pix-zero sampler's default "both halves (official code)" form, negative = caption on both sides,
+the same edit direction, cfg and guidance step (shared/design/reference-parity.md section 2).
+
+Compared stage by stage, each as max |difference| over the reference latent's std:
+1. the inverted noise x_T (ours read in diffusers' units: x / sqrt(1 + sigma_max^2), times the latent scale);
+2. the edit alone, both started from diffusers' x_T;
+3. the whole edit, each from its own x_T.
+diffusers is a test-and-benchmark dependency installed by tools/setup.sh into its own folder; the pack never
+imports it. Expected residuals: sigma rounding (ComfyUI's float64 schedule vs diffusers' float32) and attention
+kernels, ~1e-6 per step, amplified by the regulariser and the guided steps to ~1e-5..1e-4 at the end.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from z2i.tests.helpers import inverted_image_graph
+
+pytestmark = pytest.mark.host
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+CAPTION = "a photo of a cat on a sofa"
+CFG, LAM, SEED = 5.0, 0.1, 3
+TOL = 1e-4
+
+
+def _graph(ckpt: str, size: int, steps: int) -> dict:
+    p = inverted_image_graph(ckpt, CAPTION, steps=steps, size=size)
+    p["inv"]["inputs"].update({"variant": "diffusers (exact)", "regularize": True, "reg_lambda": 20.0,
+                               "reg_iterations": 5, "reg_seed": SEED})
+    p.update({
+        "dir": {"class_type": "Z2I_EditDirection",
+                "inputs": {"clip": ["ckpt", 1], "source": "cat", "target": "dog", "num_sentences": 4, "seed": 0}},
+        "edit": {"class_type": "Z2I_ApplyEditDirection",
+                 "inputs": {"conditioning": ["pos", 0], "direction": ["dir", 0], "strength": 1.0}},
+        "sampler": {"class_type": "Z2I_Pix2PixZeroSampler",
+                    "inputs": {"xa_guidance": LAM, "layers": "input,middle,output", "map_precision": "fp32"}},
+        "s": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["ckpt", 0], "add_noise": False, "noise_seed": 0, "cfg": CFG, "positive": ["edit", 0],
+            "negative": ["pos", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}},
+    })
+    return p
+
+
+@pytest.fixture(scope="module")
+def peer(host, checkpoints):
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    import peer_pix2pix_zero
+    peer_pix2pix_zero.ensure_bench_deps()          # installed by tools/setup.sh: here only put on sys.path
+    return peer_pix2pix_zero
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.float() - ref.float()).abs().max() / ref.float().std())
+
+
+@pytest.mark.parametrize("size,steps", [(64, 10), (64, 50), (128, 10)])
+def test_pix2pix_zero_matches_diffusers_stage_by_stage(host, checkpoints, peer, size, steps):
+    import comfy.sample
+    import comfy.samplers
+    ckpt = checkpoints["sd15"]
+    res = host.run_prompt(_graph(ckpt, size, steps), targets=["s", "inv", "enc", "pos", "edit", "dir", "ckpt", "sampler"])
+    model, vae = res.output("ckpt", 0), res.output("ckpt", 2)
+    scale = model.get_model_object("latent_format").scale_factor
+    sigma_min = float(model.get_model_object("model_sampling").sigma_min)
+    raw = res.output("enc", 0)["samples"].float()
+    src = res.output("pos", 0)[0][0].float()
+    delta = res.output("dir", 0).delta.float()
+    sigmas = res.output("inv", 2)
+    assert float(sigmas[-1]) == pytest.approx(sigma_min, rel=1e-6)      # the edit ends at abar_0, as diffusers'
+    k_max = float((1 + sigmas[0].double() ** 2).sqrt())
+
+    pipe = peer.build_pipeline(host.folder_paths.get_full_path("checkpoints", ckpt),
+                               model.model.model_config.unet_config, host.host_dir)
+    peer.check_conversion(pipe, model, vae, CAPTION, src, raw)          # raises when the weights disagree
+    g = torch.Generator().manual_seed(SEED)
+    inv = pipe.invert(image=(raw * scale).contiguous(), prompt_embeds=src, num_inference_steps=steps,
+                      guidance_scale=1.0, generator=g, output_type="latent")
+    ref_t = inv.latents.detach().clone()
+    ref = pipe(prompt_embeds=src, negative_prompt_embeds=src, source_embeds=torch.zeros_like(delta),
+               target_embeds=delta, latents=ref_t.clone(), num_inference_steps=steps, guidance_scale=CFG,
+               cross_attention_guidance_amount=LAM, generator=g, output_type="latent").images
+
+    # 1. inversion
+    ours_t = res.output("inv", 0)["samples"].float() * scale / k_max
+    err_t = _rel(ours_t, ref_t)
+    # 2. the edit alone, from diffusers' x_T (our sampler node through core's sample_custom)
+    node = res.output("sampler", 0)
+    with torch.inference_mode():
+        edit_only = comfy.sample.sample_custom(
+            model, torch.zeros_like(raw), CFG, comfy.samplers.KSAMPLER(node.sampler_function, node.extra_options),
+            sigmas, res.output("edit", 0), res.output("pos", 0), ref_t * k_max / scale)
+    err_edit = _rel(edit_only.float() * scale, ref)
+    # 3. end to end
+    err_all = _rel(res.output("s", 0)["samples"].float() * scale, ref)
+    print(f"{size}px {steps} steps: x_T {err_t:.2e}, edit from the same x_T {err_edit:.2e}, end to end {err_all:.2e}")
+    assert err_t < TOL and err_edit < TOL and err_all < TOL, (err_t, err_edit, err_all)
