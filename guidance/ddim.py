@@ -112,7 +112,6 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
         noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     floor = model_sigma_floor(model)
-    model = per_row(model)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .ddim import ddim_step, per_row
+from .ddim import ddim_step
 from .schedules import append_dims, eps_from_denoised, from_vp
 
 VARIANTS = ("current", "target", "diffusers")
@@ -99,7 +99,6 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     if bool((sigmas[1:] <= sigmas[:-1]).any()):
         raise ValueError("inversion sigmas must be strictly ascending (flip the sampling schedule)")
     extra_args = {} if extra_args is None else extra_args
-    model = per_row(model)
     if variant == "diffusers":
         if not float(sigmas[0]) > 0:
             raise ValueError("the diffusers variant starts at the lowest trained level sigma(0) > 0, not at 0")

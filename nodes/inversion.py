@@ -8,6 +8,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
+from ..guidance.ddim import per_row
 from ..guidance.inversion import sample_ddim_invert
 from ..guidance.regularizers import regularize_noise
 from ._host import (Z2IInputError, check_cond_batch, check_latent, interruptible, model_signature,
@@ -19,7 +20,7 @@ VARIANTS = {"current level": "current", "target timestep": "target", "diffusers 
 
 
 def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-    return sample_ddim_invert(model, x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+    return sample_ddim_invert(per_row(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                               disable=disable, **options)
 
 

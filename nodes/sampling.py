@@ -4,13 +4,13 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..guidance.ddim import sample_ddim
+from ..guidance.ddim import per_row, sample_ddim
 from ._host import interruptible
 
 
 def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
-    return sample_ddim(model, x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+    return sample_ddim(per_row(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                        disable=disable, eta=eta)
 
 

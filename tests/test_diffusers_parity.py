@@ -102,3 +102,31 @@ def test_pix2pix_zero_matches_diffusers_stage_by_stage(host, checkpoints, peer, 
     err_all = _rel(res.output("s", 0)["samples"].float() * scale, ref)
     print(f"{size}px {steps} steps: x_T {err_t:.2e}, edit from the same x_T {err_edit:.2e}, end to end {err_all:.2e}")
     assert err_t < TOL and err_edit < TOL and err_all < TOL, (err_t, err_edit, err_all)
+
+
+def _diffusers_pipeline_class():
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    import peer_pix2pix_zero
+    peer_pix2pix_zero.ensure_bench_deps()
+    from diffusers import StableDiffusionPix2PixZeroPipeline
+    return StableDiffusionPix2PixZeroPipeline
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (1, 4, 16, 16), (1, 4, 32, 24)])
+def test_regulariser_losses_equal_diffusers_functions(shape):
+    """Our diffusers-style regulariser terms against the pipeline's own auto_corr_loss / kl_divergence, called
+    on the same eps with generators in the same state (same shifts drawn), values and gradients."""
+    from z2i.guidance.regularizers import auto_corr_loss_diffusers, kl_divergence_diffusers
+    cls = _diffusers_pipeline_class()
+    eps = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    for seed in range(3):
+        a = eps.clone().requires_grad_(True)
+        b = eps.clone().requires_grad_(True)
+        theirs = cls.auto_corr_loss(None, a, generator=torch.Generator().manual_seed(seed))
+        ours = auto_corr_loss_diffusers(b, [torch.Generator().manual_seed(seed)])
+        theirs.backward()
+        ours.backward()
+        assert abs(float(ours) - float(theirs)) <= 1e-6 * float(theirs)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-9)
+    assert abs(float(kl_divergence_diffusers(eps)) - float(cls.kl_divergence(None, eps))) < 1e-6

@@ -153,3 +153,34 @@ def test_batch_members_are_regularised_independently():
     # the same shifts apply to the whole batch, and the losses are summed over it: sample a is unaffected by b
     both = regularize_noise(torch.cat([a, b]), iterations=2, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(both[:1], alone, atol=1e-10)
+
+
+def test_diffusers_variant_round_trip_is_exact_and_ends_in_vp_units():
+    """A denoiser whose eps depends on the level only: the diffusers variant (clean latent at abar_0 = sigma(0),
+    eps at the target level) and DDIM sampling back to sigma(0) are exact inverses, and the sampler returns the
+    latent at sigma(0) in VP units, i.e. the clean latent z it started from (diffusers' convention)."""
+    from types import SimpleNamespace
+
+    from z2i.guidance.ddim import ends_at_floor, sample_ddim
+    from z2i.guidance.inversion import sample_ddim_invert
+
+    floor = 0.0292
+    e = lambda s: torch.sin(3 * s) + 0.5          # noqa: E731
+
+    class Model:
+        model_sampling = SimpleNamespace(sigma_min=floor)
+
+        def __call__(self, x, sigma, **kw):
+            s = sigma.reshape(-1, 1, 1, 1).to(x)
+            return x - s * e(s)
+
+    z = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([floor, 0.05, 0.3, 1.2, 5.0, 14.6], dtype=torch.float64)
+    record = []
+    x_t = sample_ddim_invert(Model(), z, sigmas, variant="diffusers", record=record)
+    assert torch.allclose(record[0].latents[0], z * (1 + floor ** 2) ** 0.5)
+    back = sample_ddim(Model(), x_t, sigmas.flip(0))
+    assert ends_at_floor(sigmas.flip(0), floor) and not ends_at_floor(torch.tensor([1.0, 0.0]), floor)
+    assert torch.allclose(back, z, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="lowest trained level"):
+        sample_ddim_invert(Model(), z, torch.tensor([0.0, 1.0], dtype=torch.float64), variant="diffusers")
