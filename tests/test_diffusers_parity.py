@@ -9,8 +9,22 @@ Compared stage by stage, each as max |difference| over the reference latent's st
 2. the edit alone, both started from diffusers' x_T;
 3. the whole edit, each from its own x_T.
 diffusers is a test-and-benchmark dependency installed by tools/setup.sh into its own folder; the pack never
-imports it. Expected residuals: sigma rounding (ComfyUI's float64 schedule vs diffusers' float32) and attention
-kernels, ~1e-6 per step, amplified by the regulariser and the guided steps to ~1e-5..1e-4 at the end.
+imports it.
+
+The schedule: diffusers builds alphas_cumprod by a float32 cumprod, ComfyUI in float64 rounded once to float32
+sigmas; the two differ by up to 1.3e-5 relative (at sigma(0), 1.6e-6 at sigma(1)). That is a property of the two
+libraries, not of the algorithms, so diffusers' two schedulers are handed ComfyUI's schedule (alphas_cumprod =
+1 / (1 + sigma^2) of the model's sigmas). (With diffusers' stock schedule the numbers below barely move.)
+
+Tolerances, measured: both sides compute in float32 along different rounding paths (sigma space vs VP space),
+~1e-7 relative per operation, and the tiny random UNet (q/k sharpened for peaky maps) amplifies input
+differences strongly: our own regularised inversion turns a 1e-7 relative perturbation of its input latent into
+3.5e-5 (64 px) to 4.1e-5 (128 px) relative change of x_T (1.1e-5 without the regulariser). Measured against
+diffusers: x_T 3.7e-5 / 8.7e-5 / 5.8e-5 (64 px 10 steps / 64 px 50 steps / 128 px 10 steps), the edit alone
+6.3e-6 / 3.2e-6 / 1.1e-5, end to end 5.1e-5 / 1.03e-4 / 1.14e-4. So x_T and the edit alone are held to 1e-4
+(the edit alone sits 10x below it), and the end-to-end latent, which carries x_T's rounding amplified by the
+guided edit, to 2e-4: about 2x the largest measured value, and far below any algorithmic difference (the
+single-latent form, or a one-level shift of the schedule, moves the result by more than 1e-2).
 """
 from __future__ import annotations
 
@@ -28,6 +42,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 CAPTION = "a photo of a cat on a sofa"
 CFG, LAM, SEED = 5.0, 0.1, 3
 TOL = 1e-4
+TOL_END_TO_END = 2e-4
 
 
 def _graph(ckpt: str, size: int, steps: int) -> dict:
@@ -80,6 +95,12 @@ def test_pix2pix_zero_matches_diffusers_stage_by_stage(host, checkpoints, peer, 
     pipe = peer.build_pipeline(host.folder_paths.get_full_path("checkpoints", ckpt),
                                model.model.model_config.unet_config, host.host_dir)
     peer.check_conversion(pipe, model, vae, CAPTION, src, raw)          # raises when the weights disagree
+    abar = (1 / (1 + model.get_model_object("model_sampling").sigmas.double() ** 2)).float()
+    assert float(((abar - pipe.scheduler.alphas_cumprod) / abar).abs().max()) < 1e-4     # the same schedule...
+    for sched in (pipe.scheduler, pipe.inverse_scheduler):                   # ...rounded as ComfyUI rounds it
+        sched.alphas_cumprod = abar.clone()
+    pipe.scheduler.final_alpha_cumprod = abar[0].clone()                  # set_alpha_to_one=False: abar_0
+    pipe.inverse_scheduler.initial_alpha_cumprod = abar[0].clone()
     g = torch.Generator().manual_seed(SEED)
     inv = pipe.invert(image=(raw * scale).contiguous(), prompt_embeds=src, num_inference_steps=steps,
                       guidance_scale=1.0, generator=g, output_type="latent")
@@ -101,7 +122,7 @@ def test_pix2pix_zero_matches_diffusers_stage_by_stage(host, checkpoints, peer, 
     # 3. end to end
     err_all = _rel(res.output("s", 0)["samples"].float() * scale, ref)
     print(f"{size}px {steps} steps: x_T {err_t:.2e}, edit from the same x_T {err_edit:.2e}, end to end {err_all:.2e}")
-    assert err_t < TOL and err_edit < TOL and err_all < TOL, (err_t, err_edit, err_all)
+    assert err_t < TOL and err_edit < TOL and err_all < TOL_END_TO_END, (err_t, err_edit, err_all)
 
 
 def _diffusers_pipeline_class():
