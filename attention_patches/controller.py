@@ -126,8 +126,31 @@ def resize_mask(mask: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return m.reshape(m.shape[0], 1, hw[0] * hw[1], 1).clamp(0, 1)
 
 
+EMPTY_OBJECT = 1e-6   # an object mask whose peak is at most this is all background (up to float rounding)
+
+
+def renormalise_background(p: torch.Tensor) -> torch.Tensor:
+    """P -> 1 - M / max(M) per image, M = 1 - P the object mask at one layer's resolution ([B, 1, hw, 1]).
+
+    The authors' code (Hleephilip/CSG) divides the object mask by its maximum after resizing it to each
+    layer (`new_mask /= new_mask.max()`), so the object's peak gets the target maps alone. Here the maximum
+    is taken per image, so an image of a batch gets what it gets alone (their code runs one image). An image
+    whose object mask is empty (peak <= EMPTY_OBJECT: all background) is left as it is.
+    """
+    obj = 1 - p
+    peak = obj.flatten(1).amax(1).reshape(-1, *([1] * (obj.ndim - 1)))
+    scaled = obj / peak.clamp_min(EMPTY_OBJECT)
+    return torch.where(peak > EMPTY_OBJECT, 1 - scaled, p).clamp(0, 1)
+
+
 class Mixup(AttentionController):
-    """CSG cross-attention mixup (Eq. 13): M_tgt <- M_src * P + M_tgt * (1 - P), P the background probability.
+    """CSG cross-attention mixup (Eq. 13): M_tgt <- M_src * P + M_tgt * (1 - P), P the background probability
+    resized to each layer.
+
+    normalise=True (the default, the authors' code): P = 1 - M / max(M) per layer and per image, M = 1 - P the
+    resized object mask, so the object's peak takes the target maps alone (renormalise_background).
+    normalise=False: P as given, resized (the paper's Eq. 13 literally; max(M) is usually well below 1, so
+    some source maps enter the object region). `strength` scales the P used for mixing (0 = target maps).
 
     `source` holds the source branch's maps of the same step (lockstep reference pass); `token_map[l]` is the
     source token matched to target token l (identity when None). Maps of sites or steps without source maps
@@ -135,10 +158,23 @@ class Mixup(AttentionController):
     """
 
     def __init__(self, source: MapStore, mask: torch.Tensor, source_cond: int = 0,
-                 token_map: Optional[torch.Tensor] = None, target_conds: Optional[Iterable[int]] = None):
+                 token_map: Optional[torch.Tensor] = None, target_conds: Optional[Iterable[int]] = None,
+                 normalise: bool = True, strength: float = 1.0):
         self.source, self.mask, self.source_cond = source, mask, source_cond
         self.token_map = token_map
         self.target_conds = frozenset(target_conds) if target_conds is not None else None
+        self.normalise, self.strength = normalise, float(strength)
+        self._p: dict = {}   # the layer masks of this run, by (h, w)
+
+    def layer_mask(self, hw: tuple[int, int], device) -> torch.Tensor:
+        """The mixing weight of the source maps at a layer of size hw: [B or 1, 1, h*w, 1]."""
+        key = (tuple(hw), str(device))
+        if key not in self._p:
+            p = resize_mask(self.mask.to(device), hw)
+            if self.normalise:
+                p = renormalise_background(p)
+            self._p[key] = p * self.strength if self.strength != 1 else p
+        return self._p[key]
 
     def process(self, probs, site, cond_index, call):
         if self.target_conds is not None and cond_index not in self.target_conds:
@@ -152,7 +188,7 @@ class Mixup(AttentionController):
         if src.shape[0] != probs.shape[0]:
             src = src.expand(probs.shape[0], -1, -1, -1) if src.shape[0] == 1 else src[:probs.shape[0]]
         hw = call_hw(call, probs.shape[2])
-        p = resize_mask(self.mask.to(probs.device), hw)
+        p = self.layer_mask(hw, probs.device)
         if p.shape[0] != probs.shape[0]:
             p = p.expand(probs.shape[0], -1, -1, -1)
         return src * p + probs * (1 - p)

@@ -6,7 +6,9 @@
 - SelfAttentionMean: the head-averaged self-attention map A [HW, HW] of one layer at the mask resolution,
   averaged over time as a running mean (CSG pitfall 4: never stack every step).
 - content_mask: M_hat = A_bar @ M_bar (Eq. 11, a mat-vec per image), clamped to [0, 1]; the background
-  probability is P = 1 - M_hat (Eq. 12).
+  probability is P = 1 - M_hat (Eq. 12). It is not renormalised here: the posterior pull uses it as it is, and
+  the mixup divides the object mask by its maximum per layer (controller.renormalise_background), both as in
+  the authors' code.
 """
 from __future__ import annotations
 

@@ -1,18 +1,24 @@
 """AGG, asymmetric gradient guidance, latent-diffusion variant (Kwon & Ye, "Improving Diffusion-based Image
 Translation using Asymmetric Gradient Guidance", section 4, App. A-B, Alg. 1; shared/design/algorithms.md
-section 1.3 and algorithms-review.md A.1, A.2, #5, #10-#12).
+section 1.3, algorithms-review.md A.1, A.2, #5, #10-#12, reference-parity.md section 4).
 
 Per guided step at level sigma, with D = x0_hat(x_t) under the target prompt and x0* the x0 estimate the
 inversion saved at the same level:
-1. MCG: g = grad_{x_t^VP} l(x0_hat(x_t)), l = lambda_reg * mean|x0_hat - x0*| (the L1 is a mean, review #5),
-   backpropagated through the UNet; eps_tilde = eps + s_t g with s_t = sqrt(1 - a_t) (the descent sign, review
-   A.1; the printed Eq. 14/18 have it reversed). In sigma space x0_hat(eps_tilde) = D - sigma^2 grad_x l.
+1. MCG: g = grad_{x_t^VP} l(x0_hat(x_t)), l = lambda_reg * mean|x0_hat - x0*| (review #5), backpropagated
+   through the UNet; eps_tilde = eps + s_t g with s_t = sqrt(1 - a_t) (the descent sign, review A.1; the printed
+   Eq. 14/18 have it reversed). In sigma space x0_hat(eps_tilde) = D - sigma^2 grad_x l.
 2. DDS: x0' = x0_bar + argmin_Delta l(x0_bar + Delta), AdamW (lr 0.01, 10 steps), no UNet backprop.
 3. Optional mask schedule (Eq. 19): x0' everywhere for the first steps, (1 - M) x0' + M D (M = object) until
    a second boundary, then no guidance.
 4. Asymmetric update (Eq. 13/17): x_{t-1} from x0' in the x0 term and the *original* eps in the direction
    term, with optional eta (the paper's sigma_t).
 lambda_reg = 0 is exactly DDIM.
+
+Steps 1-4 follow the authors' code (submissionanon18/AGG). Ours: the L1 is a mean over each image's elements
+summed over the batch (the code is batch 1), so an image's guidance does not depend on the batch size; the top
+level is unguided (no saved x0* there; the code adds an extra evaluation so its first reverse step is guided);
+one eta for every step (the paper: 0.8); DDS returns x0 + Delta after all its updates (the code returns the one
+from before its last update: 9 effective updates of 10).
 
 Optional style loss (App. B Eq. 21-22): any extra differentiable loss of x0 (`extra_loss`, e.g. the CLIP loss
 on the VAE-decoded x0 in guidance/clip_loss.py) is added to the L1 term in both the MCG gradient and the DDS
@@ -29,12 +35,14 @@ from .schedules import append_dims, eps_from_denoised
 
 
 def l1_regularizer(x0: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
-    return weight * (x0 - target).abs().mean()
+    """lambda_reg * per-image mean |x0 - x0*|, summed over the batch (rows independent of the batch size)."""
+    return weight * (x0 - target).abs().flatten(1).mean(1).sum()
 
 
 def total_loss(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float,
                extra_loss: Optional[Callable] = None) -> torch.Tensor:
-    """Eq. 15: lambda_reg * L1(x0, x0*) (when there is a target) + the optional style loss of x0."""
+    """Eq. 15: lambda_reg * L1(x0, x0*) (when there is a target) + the optional style loss of x0. Both are sums
+    over the batch of per-image losses, so each image's gradient is the one it would get alone."""
     loss = x0.new_zeros(())
     if target is not None and weight != 0:
         loss = loss + l1_regularizer(x0, target.detach().float(), weight)

@@ -30,8 +30,10 @@ FORMAT = "z2i.h_direction.v1"
 
 @dataclass(frozen=True)
 class HDirection:
-    """delta_h = a global tensor [1, C, h, w] (resized to the running h when sizes differ; may be None) plus
+    """delta_h = a global tensor [N, C, h, w] (resized to the running h when sizes differ; may be None) plus
     coefficient-weighted implicit functions f_t(h, t) (Asyrp App. E; guidance/asyrp_train.py), and metadata.
+    N = 1: one delta_h for every image; N > 1: one per image of a batch of N (row i edits image i; a direction
+    derived from a batch of images, so that each image gets the edit it would get alone).
     Linear: `scaled` and `+` combine both kinds (section 5.2)."""
 
     delta: Optional[torch.Tensor]
@@ -44,13 +46,25 @@ class HDirection:
             return int(self.delta.shape[1])
         return int(self.implicit[0][1].channels)
 
+    @property
+    def rows(self) -> int:
+        """1 for a direction shared by all images, N for one row per image of a batch of N."""
+        return 1 if self.delta is None else int(self.delta.shape[0])
+
     def at(self, shape: torch.Size, scale: float = 1.0) -> torch.Tensor:
-        """The global delta_h for an h of `shape` [B, C, H, W] (bilinear resize when the spatial size differs)."""
+        """The global delta_h for an h of `shape` [R, C, H, W] (bilinear resize when the spatial size differs).
+        Per-image rows (N > 1) are tiled R / N times: a UNet call stacks its cond chunks (cond, uncond, ...)
+        each holding the whole batch of N images in order."""
         d = self.delta
         if d.shape[1] != shape[1]:
             raise ValueError(f"direction has {d.shape[1]} channels, the middle block {shape[1]}")
         if d.shape[-2:] != shape[-2:]:
             d = F.interpolate(d.float(), size=tuple(shape[-2:]), mode="bilinear", align_corners=False)
+        if d.shape[0] > 1:
+            if shape[0] % d.shape[0]:
+                raise ValueError(f"direction has one row per image of a batch of {d.shape[0]}, the UNet call "
+                                 f"{shape[0]} rows")
+            d = d.repeat(shape[0] // d.shape[0], 1, 1, 1)
         return d * scale
 
     def delta_for(self, h: torch.Tensor, t: Optional[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
@@ -71,7 +85,9 @@ class HDirection:
 
     def __add__(self, other: "HDirection") -> "HDirection":
         a, b = self.delta, other.delta
-        if a is not None and b is not None and b.shape != a.shape:
+        if a is not None and b is not None and min(a.shape[0], b.shape[0]) > 1 and a.shape[0] != b.shape[0]:
+            raise ValueError(f"per-image directions of batches of {a.shape[0]} and {b.shape[0]} images")
+        if a is not None and b is not None and b.shape[-2:] != a.shape[-2:]:
             b = F.interpolate(b.float(), size=tuple(a.shape[-2:]), mode="bilinear", align_corners=False)
         delta = b if a is None else (a if b is None else a + b)
         meta = dict(self.meta)

@@ -1,18 +1,27 @@
 """Learning Asyrp directions (Kwon, Jeong & Uh, section 3.2-3.4, Eq. 7, Alg. 2, App. E;
-shared/design/algorithms.md section 3.3).
+shared/design/algorithms.md section 3.3, reference-parity.md section 5).
 
 Two parameterisations of delta_h:
 - global: one tensor delta_h [1, C, h, w] shared by every timestep (section 3.4 (c));
 - implicit f_t(h_t): two 1x1 convolutions with a timestep embedding added between them, GroupNorm and SiLU
   (App. E, Fig. 16; the authors' DeltaBlock), the paper's default. The timestep embedding here is the
-  sinusoidal embedding of t followed by a linear layer (the official code reuses the UNet's time MLP output).
+  sinusoidal embedding of t followed by a linear layer (ours: the official code reuses the UNet's time MLP output).
 
 The loss at each step t of the editing interval (Eq. 7):
     L(t) = lambda_CLIP * L_direction(P_t^edit, y_tgt; P_t^src, y_src) + lambda_recon * |P_t^edit - P_t^src|
-with P_t the predicted x0 (decoded to an image for Stable Diffusion), L_direction Asyrp Eq. 4
-(guidance/clip_loss.directional_loss) and the L1 a mean over pixels. Following the authors' code the optimiser
-steps once per timestep. The edited path moves with the asymmetric step (x0 term from eps(x|delta_h), direction
-term from eps(x)); the source path with plain DDIM from the same x_T.
+with P_t the predicted x0 (decoded to an image for Stable Diffusion), L_direction Asyrp Eq. 4, 1 - cos
+(guidance/clip_loss.directional_loss; the paper's form, the official code uses -log((1 + cos) / 2)) and the L1 a
+mean over pixels of images in [-1, 1], as in the official code (nn.L1Loss on the model's x0): the paper's
+lambda_recon = 3 x CLIP similarity of the two texts is calibrated on that range.
+
+Optimisers (`OPTIMIZERS`), both stepping once per timestep of the editing interval as the official code does:
+- "SGD + StepLR (official code)": SGD, lr 0.5 (kwonminki/Asyrp_official script_train.sh, --lr_training 0.5),
+  StepLR(step_size 3, gamma 0.1) stepped once per pass over the training images (the code's `n_iter` loop):
+  lr 0.5 for passes 1-3, 0.05 for 4-6, 0.005 for 7-9, ...;
+- "Adam": Adam, lr 0.05, constant (ours; the default: on the tiny test model it ends at a lower or equal loss
+  than SGD + StepLR from the same seed, whose fixed lr depends on the gradient scale of the model it was tuned for).
+The edited path moves with the asymmetric step (x0 term from eps(x|delta_h), direction term from eps(x)); the
+source path with plain DDIM from the same x_T.
 """
 from __future__ import annotations
 
@@ -72,30 +81,57 @@ def make_trainable(kind: str, channels: int, spatial: tuple, seed: int, hidden: 
     raise ValueError(f"kind must be 'implicit' or 'global', got {kind!r}")
 
 
+SGD_STEPLR, ADAM = "SGD + StepLR (official code)", "Adam"
+OPTIMIZERS = {SGD_STEPLR: {"lr": 0.5, "step_size": 3, "gamma": 0.1}, ADAM: {"lr": 0.05}}
+
+
+def recon_l1(img_edit: torch.Tensor, img_src: torch.Tensor) -> torch.Tensor:
+    """Mean |P_edit - P_src| of images given in [0, 1], measured on [-1, 1] (2 img - 1) as the official code
+    does: twice the [0, 1] value."""
+    return ((2 * img_edit - 1) - (2 * img_src - 1)).abs().mean()
+
+
 def asyrp_loss(img_edit: torch.Tensor, img_src: torch.Tensor, encoder: ClipEncoder, text_dir: torch.Tensor,
                lambda_clip: float, lambda_recon: float) -> tuple[torch.Tensor, dict]:
-    """Eq. 7 on images in [0, 1]: lambda_clip * directional + lambda_recon * mean L1. Returns (loss, parts)."""
+    """Eq. 7 for decoded images in [0, 1] (the CLIP encoder's input): lambda_clip * directional + lambda_recon *
+    the mean L1 on [-1, 1] (`recon_l1`). Returns (loss, parts)."""
     with torch.no_grad():
         e_src = encoder.encode_image(img_src)
     clip = directional_loss(encoder.encode_image(img_edit), e_src, text_dir)
-    recon = (img_edit - img_src.detach()).abs().mean()
+    recon = recon_l1(img_edit, img_src.detach())
     loss = lambda_clip * clip + lambda_recon * recon
     return loss, {"clip": float(clip.detach()), "recon": float(recon.detach())}
 
 
+def make_optimizer(name: str, params: list, lr: Optional[float] = None):
+    """(optimizer, scheduler or None) for one of `OPTIMIZERS`; lr None (or < 0) = that optimiser's reference lr.
+    The scheduler is meant to step once per pass over the training images."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    cfg = OPTIMIZERS[name]
+    lr = cfg["lr"] if lr is None or lr < 0 else float(lr)
+    if name == SGD_STEPLR:
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=0)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["step_size"], gamma=cfg["gamma"])
+    return torch.optim.Adam(params, lr=lr), None
+
+
 def train_direction(denoise: Callable, starts: list, sigmas: torch.Tensor, edit_steps: int, loss_fn: Callable,
-                    params: list, iterations: int, lr: float,
+                    params: list, iterations: int, lr: Optional[float] = None, optimizer: str = ADAM,
                     callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Alg. 2 with one optimiser step per timestep. denoise(x, sigma, edited: bool) -> predicted x0 (edited = with
     delta_h, differentiable in the direction's parameters); starts: x_T per training image (batch 1 each);
-    loss_fn(x0_edit, x0_src) -> (loss, parts). Returns per iteration the mean loss and its parts."""
+    loss_fn(x0_edit, x0_src) -> (loss, parts); optimizer: a key of `OPTIMIZERS`, lr None = its reference lr (a
+    StepLR schedule steps once per iteration, i.e. per pass over `starts`). Returns per iteration the mean loss,
+    its parts and the lr used."""
     if edit_steps < 1:
         raise ValueError("the editing interval is empty: raise edit_until")
-    opt = torch.optim.Adam(params, lr=lr)
+    opt, scheduler = make_optimizer(optimizer, params, lr)
     history, done = [], 0
     total = iterations * len(starts) * edit_steps
     for it in range(iterations):
         sums: dict = {}
+        lr_now = float(opt.param_groups[0]["lr"])
         for start in starts:
             x = x_src = start.detach()
             for i in range(edit_steps):
@@ -117,5 +153,7 @@ def train_direction(denoise: Callable, starts: list, sigmas: torch.Tensor, edit_
                 if callback is not None:
                     callback({"iteration": it, "step": i, "done": done, "total": total, "loss": float(loss.detach()),
                               "x0_edit": d_edit.detach()})
-        history.append({k: v / (len(starts) * edit_steps) for k, v in sums.items()})
+        history.append({**{k: v / (len(starts) * edit_steps) for k, v in sums.items()}, "lr": lr_now})
+        if scheduler is not None:
+            scheduler.step()
     return history

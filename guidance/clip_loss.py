@@ -98,9 +98,10 @@ def agg_target_vector(e_src_image: torch.Tensor, t_src: torch.Tensor, t_trg: tor
 
 def agg_clip_loss(encoder: ClipEncoder, images: torch.Tensor, v_trg: torch.Tensor, n_cuts: int = 8,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """AGG Eq. 21: mean over images and cutouts of -cos(v_trg, E_I(cutout(x0_hat)))."""
+    """AGG Eq. 21: -cos(v_trg, E_I(cutout(x0_hat))), a mean over each image's cutouts, summed over the images
+    (an image's gradient does not depend on the batch size; the authors' code is batch 1)."""
     b = images.shape[0]
     crops = cutouts(images, n_cuts, encoder.image_size, generator)
     e = encoder.encode_image(crops)                              # [n * B, D], cutout-major
     v = v_trg.to(e).expand(b, -1).repeat(max(1, n_cuts), 1)
-    return -F.cosine_similarity(e, v, dim=-1).mean()
+    return -F.cosine_similarity(e, v, dim=-1).view(max(1, n_cuts), b).mean(0).sum()

@@ -8,13 +8,19 @@ The update (Eq. 18), VP form, from t to the previous grid point s:
     Omega_t = lambda_pre * B_t * P                                                (Eq. 15)
     B_t = 1[P >= 1 - max(cos(pi * i / (delta * (N - 1))), 0)],  delta = 1.5        (Eq. 16, code's step form)
 
-with P = 1 - M_hat the background probability (Eq. 11-12, see attention_patches/csg_mask.py).
+with P = 1 - M_hat the background probability (Eq. 11-12, see attention_patches/csg_mask.py); the pull uses P
+as it is (the authors' code too: only the cross-attention mixup renormalises the mask, per layer).
 In sigma space (x = x^VP * sqrt(1 + sigma^2), a = 1 / (1 + sigma^2)) the pull term becomes
 gamma_t * sqrt(1 + sigma_s^2) / sqrt(1 + sigma_t^2) = 1 - sigma_s / sigma_t, so
 
     x_s = DDIM_sigma(x_t) - (1 - sigma_s / sigma_t) * Omega_t * (x_t - x_t^src).
 
 No gradient and no backpropagation are involved.
+
+Capping the pull (csg_step's `clamp`) is ours, not the paper's. With 50 steps and lambda_pre 15 the paper's
+pull is 1.65 * P at the first step (it over-corrects but contracts) and a soft mask is off the gate B_t before
+the coefficient grows again, so an always-on cap would change the paper's soft-mask results; it is used on
+images whose mask is hard (hard_background), where Eq. 18 as written diverges, and everywhere on request.
 """
 from __future__ import annotations
 
@@ -50,14 +56,32 @@ def omega(background: torch.Tensor, lambda_pre: float, step: int, steps: int, de
     return lambda_pre * background_gate(background, step, steps, delta) * background
 
 
+def hard_background(background: torch.Tensor) -> torch.Tensor:
+    """[B or 1, H, W] -> [B or 1] bool: images whose mask has pixels with P = 1 (a binary or painted mask).
+
+    The gate's threshold is capped at 1 for the last quarter of the steps (B_t, code's step form), so exactly
+    these pixels stay guided to the end, where the pull coefficient (1 - sigma_s / sigma_t) * lambda_pre
+    grows to 4.5, 10.6, 15 (50 steps, lambda_pre 15): each step multiplies x - x^src by about 1 - that, and
+    the run diverges. A soft mask (P < 1 everywhere, as CSG's own Eq. 12 gives) is off the gate by then.
+    """
+    return background.flatten(1).amax(1) >= 1
+
+
 def csg_step(x: torch.Tensor, sigma, sigma_next, denoised: torch.Tensor, x_src: torch.Tensor,
-             omega_t: torch.Tensor, clamp: bool = False) -> torch.Tensor:
-    """Eq. 18 in sigma space. omega_t: [B or 1, H, W] (broadcast over channels). `clamp` caps the pull
-    coefficient times Omega at 1 (an addition from the review, not the paper: avoids over-correction)."""
+             omega_t: torch.Tensor, clamp=False) -> torch.Tensor:
+    """Eq. 18 in sigma space. omega_t: [B or 1, H, W] (broadcast over channels).
+
+    `clamp` caps the pull coefficient times Omega at 1: True everywhere, or a bool tensor [B or 1] for the
+    images to cap (e.g. hard_background). Ours, not the paper (algorithms.md CSG pitfall 2):
+    a capped step removes at most the whole x - x^src instead of over-correcting it. False = Eq. 18 as written.
+    """
     eps = eps_from_denoised(x, sigma, denoised)
     base = ddim_step(denoised, eps, sigma, sigma_next) if float(sigma_next) > 0 else denoised
     pull = pull_coefficient(sigma, sigma_next) * omega_t[:, None].to(x)
-    if clamp:
+    if isinstance(clamp, torch.Tensor):
+        where = clamp.to(device=x.device, dtype=torch.bool)
+        pull = torch.where(where.reshape(where.shape[0], *([1] * (pull.ndim - 1))), pull.clamp(max=1.0), pull)
+    elif clamp:
         pull = pull.clamp(max=1.0)
     return base - pull * (x - x_src)
 

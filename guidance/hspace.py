@@ -19,9 +19,10 @@ HSPACE_KEY = "z2i_hspace_call"
 
 @dataclass
 class HCall:
-    """add: delta_h (an HDirection-like object with .delta_for(h, t, scale)) times `scale`; capture: store h per
-    cond index into `captured` (a dict cond_index -> list of tensors). `timestep(sigma) -> t` maps the call's
-    sigmas to the model's 0..999 timesteps (implicit directions f_t need t)."""
+    """add: delta_h (an HDirection-like object with .delta_for(h, t, scale)) times `scale`, row by row (a
+    per-image direction's row i goes to image i of every cond chunk); capture: store h per cond index into
+    `captured` (a dict cond_index -> list of tensors, each [B, ...] in batch order). `timestep(sigma) -> t`
+    maps the call's sigmas to the model's 0..999 timesteps (implicit directions f_t need t)."""
 
     direction: Optional[object] = None
     scale: float = 1.0
@@ -43,8 +44,9 @@ class HCall:
             t = None
             if sigmas is not None and self.timestep is not None:
                 t = self.timestep(sigmas.reshape(-1)).reshape(-1)
-                if t.numel() != h.shape[0]:       # one level per call: every row shares the step's sigma
-                    t = t[:1].expand(h.shape[0])
+                if t.numel() != h.shape[0]:
+                    # `sigmas` holds one level per image; the call stacks its cond chunks, each the whole batch
+                    t = t.repeat(h.shape[0] // t.numel()) if h.shape[0] % t.numel() == 0 else t[:1].expand(h.shape[0])
             delta = self.direction.delta_for(h, t, self.scale).to(h)
             if self.keep_seen:
                 self.seen.append(delta.detach())

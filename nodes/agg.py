@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
-from ..guidance.ddim import seeded_noise_sampler
+from ..guidance.ddim import per_row, seeded_noise_sampler
 from ._host import Z2IInputError, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -33,6 +33,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if eta > 0 else None
     cb = interruptible(callback)
     base = model.inner_model.inner_model
+    rows = per_row(model)          # each image evaluated as alone (guidance.ddim.per_row)
     with ExitStack() as stack:
         if weight != 0 or style is not None:
             stack.enter_context(autograd_parameters(base.diffusion_model))
@@ -50,7 +51,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                 target = traj.x0[k].to(x) if k < traj.x0.shape[0] else None   # the top level has no x0*
             noise = noise_sampler(sigma, sigma_next) if eta > 0 and float(sigma_next) > 0 else None
             x_next, x0 = agg_step(
-                x, sigma, sigma_next, lambda xx, s=sigma: model(xx, s * s_in, **extra_args), target, weight,
+                x, sigma, sigma_next, lambda xx, s=sigma: rows(xx, s * s_in, **extra_args), target, weight,
                 dds_lr, dds_steps, mask if (mask is not None and i >= e1) else None, eta, noise, stats,
                 extra_loss if guided else None)
             cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
@@ -59,7 +60,8 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
 
 
 def _style_loss(stack: ExitStack, style: dict, base, traj, x, seed):
-    """AGG Eq. 21-22 on the VAE-decoded x0: -cos(v_trg, E_I(cutouts(decode(x0)))) times lambda_style."""
+    """AGG Eq. 21-22 on the VAE-decoded x0: -cos(v_trg, E_I(cutouts(decode(x0)))) times lambda_style (a mean over
+    each image's cutouts, summed over the batch)."""
     decode = image_decoder(style["vae"], base, NODE)
     stack.enter_context(autograd_parameters(style["vae"].first_stage_model))
     enc = ready(style["model"])
@@ -89,8 +91,8 @@ class AGGSampler(io.ComfyNode):
             inputs=[
                 InversionType.Input("inversion", tooltip="From DDIM Inversion: the x0* targets."),
                 io.Float.Input("lambda_reg", default=0.1, min=0.0, max=1000.0, step=0.01,
-                               tooltip="Weight of the L1 structure loss (mean over latent elements; the paper's "
-                                       "LDM value 0.1). 0 = plain DDIM. Higher keeps more structure."),
+                               tooltip="Weight of the L1 structure loss (mean over each image's latent elements; "
+                                       "the paper's LDM value 0.1). 0 = plain DDIM. Higher keeps more structure."),
                 io.Float.Input("guided_until", default=0.3, min=0.0, max=1000.0, step=0.01,
                                tooltip="t_edit1: guide the whole image for this fraction of the steps (<= 1) or "
                                        "this many steps (> 1). The paper varies 10-20 of 50."),

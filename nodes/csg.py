@@ -1,6 +1,7 @@
 """CSG (Conditional Score Guidance): content mask, cross-attention mixup patcher, guided SAMPLER."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import comfy.model_patcher
@@ -14,7 +15,7 @@ from comfy_api.latest import io
 from ..attention_patches.controller import AttentionCall, Capture, MapStore, Mixup, attn2_replace
 from ..attention_patches.csg_mask import SelfAttentionMean, TokenMapMean, content_mask
 from ..attention_patches.sites import cross_attention_sites
-from ..guidance.csg import align_tokens, csg_step, omega, token_positions
+from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
 from ..guidance.ddim import ddim_step
 from ..guidance.schedules import eps_from_denoised
 from ._host import Z2IInputError, interruptible, unet_of
@@ -23,6 +24,7 @@ from .types import InversionType
 
 MASK_NODE, MIXUP_NODE, CSG_NODE = "Z2I CSG Mask", "Z2I Cross-Attention Mixup", "Z2I CSG Sampler"
 MIXUP_KEY = "z2i_mixup"
+NORMALISE_CODE, NORMALISE_NONE = "per layer (official code)", "none (paper Eq. 13)"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class MixupSpec:
 
     background: torch.Tensor          # [B or 1, H, W] background probability P (image resolution)
     token_map: torch.Tensor | None    # target token -> source token (None = identity)
+    strength: float = 1.0             # scales the mixing weight of the source maps
+    normalise: bool = True            # object mask / its max per layer and image (the authors' code)
 
     def __deepcopy__(self, memo):     # immutable: ComfyUI 0.3.75 deep-copies model options on clone
         return self
@@ -156,7 +160,9 @@ class CrossAttentionMixup(io.ComfyNode):
             category="Z2I/model_patches",
             description=(
                 "CSG Eq. 13 as a model patch: in every cross-attention layer the target prompt's maps become "
-                "M_src * P + M_tgt * (1 - P), P the background mask, so the background attends as in the source. "
+                "M_src * P + M_tgt * (1 - P), P the background mask resized to the layer, so the background "
+                "attends as in the source. By default the object mask 1 - P is divided by its maximum at each "
+                "layer, as the authors' code does, so the object's peak takes the target maps alone. "
                 "The source maps come from the CSG Sampler's lockstep source branch; with other samplers the "
                 "patch is plain attention."),
             inputs=[
@@ -164,19 +170,29 @@ class CrossAttentionMixup(io.ComfyNode):
                 io.Mask.Input("background", tooltip="Background probability P (CSG Content Mask). 1 = source maps, "
                                                     "0 = target maps."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
-                               tooltip="Scales P. 0 = no mixup (returns the model unchanged)."),
+                               tooltip="Scales P (after the normalisation). 0 = no mixup (returns the model "
+                                       "unchanged)."),
                 io.Clip.Input("clip", optional=True, tooltip="With both prompts: aligns target tokens to source "
                                                              "tokens when the swapped words differ in length."),
                 io.String.Input("source_prompt", default="", optional=True, tooltip="The source caption."),
                 io.String.Input("target_prompt", default="", optional=True,
                                 tooltip="The caption with the word swapped (e.g. cat -> dog)."),
+                io.Combo.Input("mask_normalisation", options=[NORMALISE_CODE, NORMALISE_NONE], default=NORMALISE_CODE,
+                               optional=True,
+                               tooltip="per layer (official code, default): at each layer the object mask 1 - P "
+                                       "is divided by its maximum, per image, so the object's peak uses the "
+                                       "target maps alone (Hleephilip/CSG: new_mask /= new_mask.max()); an "
+                                       "all-background mask stays as it is. none (paper Eq. 13): P as given; a "
+                                       "CSG Content Mask's object peak is well below 1, so some source maps "
+                                       "enter the object too (a weaker edit)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, model, background, strength, clip=None, source_prompt="", target_prompt="") -> io.NodeOutput:
+    def execute(cls, model, background, strength, clip=None, source_prompt="", target_prompt="",
+                mask_normalisation=NORMALISE_CODE) -> io.NodeOutput:
         if strength == 0:
             return io.NodeOutput(model)
         unet = unet_of(model, MIXUP_NODE)
@@ -188,12 +204,13 @@ class CrossAttentionMixup(io.ComfyNode):
         for s in cross_attention_sites(unet):
             m.set_model_attn2_replace(attn2_replace, s.block, s.id, s.index)
         mask = background if background.ndim == 3 else background[None]
-        m.model_options["transformer_options"][MIXUP_KEY] = MixupSpec((mask * strength).clamp(0, 1).cpu(), token_map)
+        m.model_options["transformer_options"][MIXUP_KEY] = MixupSpec(
+            mask.float().clamp(0, 1).cpu(), token_map, float(strength), mask_normalisation != NORMALISE_NONE)
         return io.NodeOutput(m)
 
 
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
-            lambda_pre=15.0, delta=1.5, clamp=False):
+            lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True):
     extra_args = extra_args or {}
     spec = extra_args.get("model_options", {}).get("transformer_options", {}).get(MIXUP_KEY)
     traj = inversion.trajectory
@@ -206,6 +223,9 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         raise Z2IInputError(CSG_NODE, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt")
     cb = interruptible(callback)
+    mix = None if spec is None else Mixup(store, spec.background.to(x.device), token_map=spec.token_map,
+                                          normalise=spec.normalise, strength=spec.strength)
+    clamp = pull_clamp(bg, clamp, hard_mask_guard and lambda_pre != 0)
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         try:
@@ -215,7 +235,6 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                                 "inversion's schedule", "connect the DDIM Inversion 'sigmas' output") from None
         if spec is not None:
             source(x_src, sigma, AttentionCall(i, [Capture(store)]))
-            mix = Mixup(store, spec.background.to(x.device), token_map=spec.token_map)
             denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix]))
             store.drop(i)
         else:
@@ -228,6 +247,21 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         else:
             x = ddim_step(denoised, eps_from_denoised(x, sigma, denoised), sigma, sigma_next)
     return x
+
+
+def pull_clamp(background: torch.Tensor, clamp: bool, guard: bool):
+    """csg_step's `clamp`: True (everywhere), or per image where the mask is hard and the guard is on."""
+    if clamp or not guard:
+        return bool(clamp)
+    hard = hard_background(background)
+    if not bool(hard.any()):
+        return False
+    share = [f"{100 * float((b >= 1).float().mean()):.0f}%" for b, h in zip(background, hard) if h]
+    logging.warning("%s: the background mask is hard (P = 1 on %s of the latent pixels of image(s) %s): the "
+                    "paper's pull diverges on it in the last steps, so it is capped at 1 for those images "
+                    "(hard_mask_guard; turn it off for Eq. 18 as written).", CSG_NODE, ", ".join(share),
+                    [i for i, h in enumerate(hard.tolist()) if h])
+    return hard
 
 
 class CSGSampler(io.ComfyNode):
@@ -243,7 +277,8 @@ class CSGSampler(io.ComfyNode):
                 "posterior term -gamma_t * Omega_t * (x_t - x_t^src); no backpropagation. With a MODEL patched by "
                 "Cross-Attention Mixup it also runs the source branch in lockstep to mix the maps (Eq. 13). "
                 "SamplerCustom: add_noise off, the inversion's noise and sigmas, positive = target caption, "
-                "negative = source caption, cfg about 5."),
+                "negative = source caption, cfg about 5. Ours, not the paper: with a hard (binary) mask the "
+                "pull is capped at 1, where Eq. 18 as written diverges (hard_mask_guard)."),
             inputs=[
                 InversionType.Input("inversion", tooltip="From DDIM Inversion: the source trajectory x_t^src."),
                 io.Mask.Input("background", tooltip="Background probability P (CSG Content Mask)."),
@@ -253,19 +288,28 @@ class CSGSampler(io.ComfyNode):
                 io.Float.Input("delta", default=1.5, min=0.1, max=10.0, step=0.1,
                                tooltip="delta of Eq. 16: how fast the guided background region shrinks (1.5)."),
                 io.Boolean.Input("clamp_pull", default=False,
-                                 tooltip="Cap the per-step pull at 1 (not in the paper; avoids over-correcting when "
-                                         "lambda_pre is large). Off = the paper."),
+                                 tooltip="Cap the per-step pull (1 - sigma_next/sigma) * Omega at 1 at every pixel "
+                                         "(ours, not the paper). For far fewer than 50 steps, where the paper's "
+                                         "pull over-corrects and can diverge even with a soft mask (also with "
+                                         "delta above 1.5). Off = the paper (but see hard_mask_guard)."),
+                io.Boolean.Input("hard_mask_guard", default=True, optional=True,
+                                 tooltip="Ours, not the paper (on by default): cap the pull at 1 for images whose "
+                                         "mask has pixels at exactly P = 1 (a binary or painted mask; a warning "
+                                         "is logged). B_t keeps those pixels guided to the last step, where the "
+                                         "paper's pull reaches 15x the difference and the run diverges. Soft "
+                                         "masks (CSG Content Mask) are left to the paper's Eq. 18: with 50 steps "
+                                         "they leave B_t before the pull grows. Off = Eq. 18 as written."),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, inversion, background, lambda_pre, delta, clamp_pull) -> io.NodeOutput:
+    def execute(cls, inversion, background, lambda_pre, delta, clamp_pull, hard_mask_guard=True) -> io.NodeOutput:
         mask = background if background.ndim == 3 else background[None]
         return io.NodeOutput(comfy.samplers.KSAMPLER(_csg_fn, extra_options={
             "inversion": inversion, "background": mask, "lambda_pre": float(lambda_pre), "delta": float(delta),
-            "clamp": bool(clamp_pull)}))
+            "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard)}))
 
 
 NODES = [CSGMask, CrossAttentionMixup, CSGSampler]

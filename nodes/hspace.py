@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
-from ..guidance.asyrp_train import asyrp_loss, make_trainable, train_direction
+from ..guidance.asyrp_train import ADAM, OPTIMIZERS, asyrp_loss, make_trainable, train_direction
 from ..guidance.autograd import autograd_parameters
 from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch, hspace_output_block_patch
 from ..guidance.inversion import sample_ddim_invert
@@ -27,6 +27,8 @@ HDirectionType = io.Custom("Z2I_H_DIRECTION")
 H_DIRS = register_model_folder("h_directions", {".safetensors"})
 ASYRP, DERIVE, TRAIN = "Z2I Asyrp Sampler", "Z2I h-space Direction From Prompts", "Z2I Train h-space Direction"
 UNITS = ["percent", "timestep"]
+PER_IMAGE, MEAN = "one direction per image", "mean over the images"
+DEFAULT_OPTIMIZER = ADAM            # trains at least as well as SGD + StepLR on the tiny test model
 
 
 def middle_block_of(model, node: str, input_name: str = "model"):
@@ -63,6 +65,10 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     ms = base.model_sampling
     n = len(sigmas) - 1
     to_sigma = lambda t: ms.sigma(torch.tensor(float(t)))  # noqa: E731
+    if direction.rows > 1 and direction.rows != x.shape[0]:
+        raise Z2IInputError(ASYRP, "direction", f"it holds one direction per image of a batch of {direction.rows}, "
+                            f"the latent has {x.shape[0]}", "sample the batch it was derived from, or derive it "
+                            f"with images = '{MEAN}'")
     edit_steps = interval_index(sigmas, edit_until, unit, to_sigma)
     boost = interval_index(sigmas, boost_from, unit, to_sigma)
     total = scale * step_scale(direction.meta.get("steps"), n)
@@ -127,13 +133,18 @@ def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, i
     mo = with_hspace((extra_args or {}).get("model_options", {}), call)
     cb = interruptible(callback)
     diffs = []
+
+    def per_image(chunks: list) -> torch.Tensor:        # [B, C, h, w]: every chunk holds the batch in order
+        c = torch.cat(chunks)
+        return c.view(-1, x.shape[0], *c.shape[1:]).mean(0)
+
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         xi = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
         captured.clear()
         d = comfy.samplers.calc_cond_batch(base, [guider.conds["positive"], guider.conds["negative"]], xi,
                                            sigma * xi.new_ones([xi.shape[0]]), mo)
-        diffs.append(torch.cat(captured[0]).mean(0, keepdim=True) - torch.cat(captured[1]).mean(0, keepdim=True))
+        diffs.append(per_image(captured[0]) - per_image(captured[1]))
         cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d[0]})
     out.append(torch.stack(diffs).mean(0))
     return x
@@ -147,22 +158,30 @@ class HDirectionFromPrompts(io.ComfyNode):
             display_name="h-space Direction From Prompts (Z2I)",
             category="Z2I/hspace",
             description=(
-                "A training-free Asyrp direction: the mean over the inversion trajectory of the middle-block "
-                "output with the target prompt minus that with the source prompt (the caption used to invert)."),
+                "A training-free Asyrp direction (ours, not from the paper): the mean over the inversion trajectory "
+                "of the middle-block output with the target prompt minus that with the source prompt (the caption "
+                "used to invert). For a batch: one direction per image (each image is edited as it would be "
+                "alone), or their mean (one direction to reuse on other images)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the image was inverted with."),
                 InversionType.Input("inversion", tooltip="From DDIM Inversion; its prompt is the source."),
                 io.Conditioning.Input("target", tooltip="The prompt describing the edit (e.g. 'a smiling face')."),
                 io.Conditioning.Input("source", optional=True,
                                       tooltip="Source prompt; default: the inversion's own prompt."),
+                io.Combo.Input("images", options=[PER_IMAGE, MEAN], default=PER_IMAGE, optional=True,
+                               tooltip="For an inverted batch: one direction per image (the Asyrp sampler then "
+                                       "needs that same batch) or the mean over the images (one direction for "
+                                       "any image). Same result for one image."),
             ],
             outputs=[HDirectionType.Output(display_name="direction")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, model, inversion, target, source=None) -> io.NodeOutput:
+    def execute(cls, model, inversion, target, source=None, images=PER_IMAGE) -> io.NodeOutput:
         middle_block_of(model, DERIVE)
+        if images not in (PER_IMAGE, MEAN):
+            raise Z2IInputError(DERIVE, "images", f"unknown choice {images!r}", f"pick '{PER_IMAGE}' or '{MEAN}'")
         source = source if source is not None else inversion.positive
         sig = inversion.sigmas
         sigmas = torch.cat([sig[sig > 0], sig.new_zeros(1)])
@@ -173,8 +192,11 @@ class HDirectionFromPrompts(io.ComfyNode):
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 2.0, sampler, sigmas, target, source, latent,
                                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         delta = out[0].cpu()
+        if images == MEAN:
+            delta = delta.mean(0, keepdim=True)
         meta = {"family": inversion.model.family, "channels": int(delta.shape[1]), "mode": "derived",
-                "spatial": list(delta.shape[-2:]), "steps": None}
+                "spatial": list(delta.shape[-2:]), "steps": None, "images": int(out[0].shape[0]),
+                "per_image": images == PER_IMAGE and delta.shape[0] > 1}
         return io.NodeOutput(HDirection(delta, meta))
 
 
@@ -218,7 +240,7 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
 
         starts = [x_T[j:j + 1].clone() for j in range(x_T.shape[0])]
         history = train_direction(denoise, starts, sigmas, edit_steps, loss_fn, params, job["iterations"], job["lr"],
-                                  callback=progress)
+                                  optimizer=job["optimizer"], callback=progress)
     job["out"] = (trainable, history, edit_steps, h_shape)
     return x
 
@@ -271,17 +293,25 @@ class HDirectionTrain(io.ComfyNode):
                                        "t_edit = 500 of 1000)."),
                 io.Int.Input("iterations", default=10, min=1, max=10000,
                              tooltip="Passes over the images (the paper: 1 epoch over 1000 images)."),
-                io.Float.Input("lr", default=0.05, min=0.0, max=10.0, step=0.001,
-                               tooltip="Adam learning rate (the official code uses 0.5 for f_t on its models)."),
+                io.Float.Input("lr", default=-1.0, min=-1.0, max=10.0, step=0.001,
+                               tooltip="Learning rate of the chosen optimizer (see 'optimizer'); -1 = its "
+                                       "reference value. SGD + StepLR: the starting lr (reference 0.5; the schedule "
+                                       "then gives 0.5, 0.5, 0.5, 0.05, ... per iteration). Adam: constant (0.05)."),
                 io.Float.Input("lambda_clip", default=0.8, min=0.0, max=100.0, step=0.1,
                                tooltip="Weight of the directional CLIP loss (Table 3: 0.5-2, mostly 0.8)."),
                 io.Float.Input("lambda_recon", default=-1.0, min=-1.0, max=100.0, step=0.1,
-                               tooltip="Weight of the L1 term; -1 = the paper's rule, 3 x CLIP similarity of the "
-                                       "two texts."),
+                               tooltip="Weight of the L1 term (measured on images in [-1, 1], as the official "
+                                       "code); -1 = the paper's rule, 3 x CLIP similarity of the two texts."),
                 io.Int.Input("hidden", default=512, min=8, max=4096,
                              tooltip="Channels of f_t's hidden layer (App. E: 512). Ignored for global."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seeds the initial direction (training is otherwise deterministic)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default=DEFAULT_OPTIMIZER, optional=True,
+                               tooltip="Both step once per timestep of the editing interval, as the authors' "
+                                       "code. 'SGD + StepLR (official code)': SGD lr 0.5, times 0.1 after every 3 "
+                                       "iterations (kwonminki/Asyrp_official, tuned for its pixel models). "
+                                       "'Adam' (ours, default): Adam lr 0.05, constant, insensitive to the "
+                                       "gradient scale."),
             ],
             outputs=[HDirectionType.Output(display_name="direction"),
                      io.String.Output(display_name="report")],
@@ -290,7 +320,8 @@ class HDirectionTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, clip_loss_model, latent, positive, source_text, target_text, kind, steps,
-                edit_until, iterations, lr, lambda_clip, lambda_recon, hidden, seed) -> io.NodeOutput:
+                edit_until, iterations, lr, lambda_clip, lambda_recon, hidden, seed,
+                optimizer=DEFAULT_OPTIMIZER) -> io.NodeOutput:
         middle_block_of(model, TRAIN)
         samples = latent["samples"]
         check_latent(model, samples, TRAIN)
@@ -302,8 +333,12 @@ class HDirectionTrain(io.ComfyNode):
             with torch.inference_mode(False):
                 t = clip_loss_model.encode_text([source_text, target_text])
             lambda_recon = 3.0 * float((t[0] * t[1]).sum())
+        if optimizer not in OPTIMIZERS:
+            raise Z2IInputError(TRAIN, "optimizer", f"unknown optimizer {optimizer!r}",
+                                f"pick one of {list(OPTIMIZERS)}")
+        lr = OPTIMIZERS[optimizer]["lr"] if lr < 0 else float(lr)
         job = {"kind": kind, "seed": int(seed), "hidden": int(hidden), "edit_until": float(edit_until),
-               "iterations": int(iterations), "lr": float(lr), "lambda_clip": float(lambda_clip),
+               "iterations": int(iterations), "lr": lr, "optimizer": optimizer, "lambda_clip": float(lambda_clip),
                "lambda_recon": float(lambda_recon), "source": source_text, "target": target_text,
                "clip": clip_loss_model, "vae": vae}
         sigmas = schedule_sigmas(model, "ddim_uniform", int(steps))
@@ -318,7 +353,8 @@ class HDirectionTrain(io.ComfyNode):
         trainable, history, edit_steps, h_shape = job["out"]
         meta = {"family": model_signature(model).family, "channels": int(h_shape[1]),
                 "mode": f"trained-{kind}", "spatial": list(h_shape[-2:]), "steps": int(steps),
-                "edit_steps": edit_steps, "source": source_text, "target": target_text, "lr": float(lr),
+                "edit_steps": edit_steps, "source": source_text, "target": target_text, "lr": lr,
+                "optimizer": optimizer,
                 "lambda_clip": float(lambda_clip), "lambda_recon": float(lambda_recon), "iterations": int(iterations),
                 "images": int(samples.shape[0]), "seed": int(seed), "clip_model": clip_loss_model.name,
                 "history": history}
@@ -327,8 +363,8 @@ class HDirectionTrain(io.ComfyNode):
         else:
             f = trainable.implicit[0][1].eval().requires_grad_(False).cpu()
             direction = HDirection(None, meta, ((1.0, f),))
-        report = "\n".join(f"iteration {i + 1}: loss {h['loss']:.4f} (clip {h['clip']:.4f}, recon {h['recon']:.4f})"
-                            for i, h in enumerate(history))
+        report = "\n".join(f"iteration {i + 1}: loss {h['loss']:.4f} (clip {h['clip']:.4f}, recon {h['recon']:.4f}, "
+                            f"lr {h['lr']:.4g})" for i, h in enumerate(history))
         return io.NodeOutput(direction, report)
 
 
@@ -357,6 +393,10 @@ class HDirectionCombine(io.ComfyNode):
             if b.channels != a.channels:
                 raise Z2IInputError("Z2I Combine h-space Directions", "b", f"{b.channels} channels vs {a.channels}",
                                     "combine directions made with the same model family")
+            if min(a.rows, b.rows) > 1 and a.rows != b.rows:
+                raise Z2IInputError("Z2I Combine h-space Directions", "b", f"per-image directions of batches of "
+                                    f"{b.rows} and {a.rows} images", "derive both from the same batch, or with "
+                                    f"images = '{MEAN}'")
             out = out + b.scaled(coef_b)
         return io.NodeOutput(out)
 

@@ -224,6 +224,39 @@ def inverted_image_graph(ckpt: str, caption: str, key: str = "pos", steps: int =
     }
 
 
+# Batch independence on 2 CPU cores: a single UNet call differs by ~1.5e-6 relative between batch sizes (CPU
+# kernels pick other blockings, even at torch.set_num_threads(1)), and after 4 inversion + 4 DDIM steps the same
+# image alone and in a batch of two differs by max|diff| / std = 3e-5 (cfg 1) to 6e-5 (cfg 5) when the UNet sees
+# the batch whole. The Z2I inversion, the DDIM, pix2pix-zero/zeroCon and AGG samplers evaluate the UNet one row
+# at a time (guidance.ddim.per_row), so there the batch equals the images alone to EXACT_BATCH_TOL (bit-equal in
+# practice; zeroCon's backward through self-attention sums in a thread-dependent order). The Asyrp sampler's
+# per-image h-space rows ride along with its batched calls, so it sits at the plain-sampling noise: BATCH_TOL, 5x
+# above the measured 2.6e-5..6e-5 and 6x below the smallest real coupling measured (2e-3, Asyrp's old batch-mean
+# direction; 2e-2, AGG's old batch-mean L1 at lambda_reg 1).
+EXACT_BATCH_TOL = 1e-5
+BATCH_TOL = 3e-4
+
+
+def two_image_batch(p: dict, which: str) -> dict:
+    """Rewire an `inverted_image_graph` to image A (the example), image B (A mirrored and inverted: a different
+    image of the same size) or the batch [A, B]: which in "a", "b", "ab". Each image is VAE-encoded on its own and
+    the latents batched (LatentBatch), so the batch holds the same bits as the single-image runs."""
+    p["flip"] = {"class_type": "ImageFlip", "inputs": {"image": ["scale", 0], "flip_method": "y-axis: horizontally"}}
+    p["other"] = {"class_type": "ImageInvert", "inputs": {"image": ["flip", 0]}}
+    p["enc_a"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["scale", 0], "vae": ["ckpt", 2]}}
+    p["enc_b"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["other", 0], "vae": ["ckpt", 2]}}
+    p["pair"] = {"class_type": "LatentBatch", "inputs": {"samples1": ["enc_a", 0], "samples2": ["enc_b", 0]}}
+    p["inv"]["inputs"]["latent"] = {"a": ["enc_a", 0], "b": ["enc_b", 0], "ab": ["pair", 0]}[which]
+    return p
+
+
+def batch_spread(run, node: str = "s") -> float:
+    """max |[A alone, B alone] - [A, B] batched| / std of the batched result, for run(which) -> the prompt's result
+    (a RunResult) with `two_image_batch(..., which)`."""
+    a, b, ab = (run(w).output(node, 0)["samples"] for w in ("a", "b", "ab"))
+    return float((torch.cat([a, b]) - ab).abs().max() / ab.std())
+
+
 def run_sampler_with_stats(host, prompt: dict, positive: str, negative: str, cfg: float, **options):
     """Run the graph's "sampler" node function directly through ComfyUI's sample_custom from the graph's
     inversion, with extra sampler options (stats, probes): returns (samples, stats)."""

@@ -5,7 +5,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from z2i.tests.helpers import inverted_image_graph, run_sampler_with_stats
+from z2i.tests.helpers import (EXACT_BATCH_TOL, batch_spread, inverted_image_graph, run_sampler_with_stats,
+                               two_image_batch)
 
 pytestmark = pytest.mark.host
 
@@ -44,6 +45,14 @@ def test_gradient_reaches_the_latent_and_each_step_descends(host, checkpoints):
         assert losses[-1] < losses[0]
     plain = host.run_prompt(graph(checkpoints["sd15"], weight=0.0), targets=["s"]).output("s", 0)["samples"]
     assert ((out - plain).norm() / plain.norm()).item() > 1e-3
+
+
+def test_each_image_of_a_batch_is_guided_as_alone(host, checkpoints):
+    """[A, B] in one batch gives each image the result it gets alone: the L1 is a per-image mean summed over the
+    batch (a batch mean gave each image 1/B of its MCG step: spread 2e-2 at lambda_reg 1)."""
+    spread = batch_spread(lambda which: host.run_prompt(two_image_batch(graph(checkpoints["sd15"], weight=1.0), which),
+                                                        targets=["s"]))
+    assert spread <= EXACT_BATCH_TOL, spread
 
 
 def test_deterministic(host, checkpoints):

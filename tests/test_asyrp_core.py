@@ -89,3 +89,29 @@ def test_hook_acts_only_at_the_middle_output_and_only_when_asked():
     hspace_output_block_patch(torch.arange(4.).reshape(4, 1, 1, 1), hsp, {"block": ("output", 0), HSPACE_KEY: cap,
                                                                          "cond_or_uncond": [1, 0]})
     assert cap.captured[1][0].flatten().tolist() == [0, 1] and cap.captured[0][0].flatten().tolist() == [2, 3]
+
+
+def test_per_image_direction_rows_follow_the_images_of_every_cond_chunk():
+    """A direction derived from a batch of N holds one row per image; a UNet call stacks cond chunks, each the
+    whole batch in order, so row i goes to image i of every chunk. Timesteps are per image too."""
+    d = HDirection(torch.arange(2.0).reshape(2, 1, 1, 1).expand(2, 8, 2, 2).clone())
+    assert d.rows == 2 and HDirection(torch.ones(1, 8, 2, 2)).rows == 1
+    assert d.at(torch.Size([4, 8, 2, 2]))[:, 0, 0, 0].tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="batch of 2"):
+        d.at(torch.Size([3, 8, 2, 2]))
+    with pytest.raises(ValueError, match="batches of 2 and 3"):
+        d + HDirection(torch.ones(3, 8, 2, 2))
+    assert (d + HDirection(torch.ones(1, 8, 2, 2))).delta[:, 0, 0, 0].tolist() == [1, 2]
+
+    class Probe:                # records the timesteps it is given per row
+        channels = 8
+        t = None
+
+        def delta_for(self, h, t, scale=1.0):
+            Probe.t = t
+            return torch.zeros_like(h)
+
+    call = HCall(direction=Probe(), timestep=lambda s: s * 100)
+    options = {"block": ("output", 0), HSPACE_KEY: call, "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1., 2.])}
+    hspace_output_block_patch(torch.zeros(4, 8, 2, 2), None, options)
+    assert Probe.t.tolist() == [100, 200, 100, 200]

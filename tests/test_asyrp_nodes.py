@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from z2i.tests.helpers import inverted_image_graph, run_sampler_with_stats
+from z2i.tests.helpers import BATCH_TOL, batch_spread, inverted_image_graph, run_sampler_with_stats, two_image_batch
 
 pytestmark = pytest.mark.host
 
@@ -47,6 +47,28 @@ def test_doubling_the_scale_doubles_the_delta_at_the_hook(host, checkpoints):
     assert torch.allclose(s2["deltas"][0], 2 * s1["deltas"][0])
     plain = host.run_prompt(graph(checkpoints["sd15"], scale=0.0), targets=["s"]).output("s", 0)["samples"]
     assert ((out1 - plain).norm() / plain.norm()).item() > 1e-4      # the edit changes the image
+
+
+def test_each_image_of_a_batch_is_edited_as_alone(host, checkpoints):
+    """[A, B] inverted, derived and edited in one batch gives each image what it gets alone: the derived direction
+    has one row per image (the batch mean coupled the images: spread 2e-3)."""
+    spread = batch_spread(lambda which: host.run_prompt(two_image_batch(graph(checkpoints["sd15"]), which),
+                                                        targets=["s"]))
+    assert spread <= BATCH_TOL, spread
+
+
+def test_derived_direction_per_image_or_mean(host, checkpoints):
+    from z2i.guidance.asyrp import HDirection
+    per = host.run_prompt(two_image_batch(graph(checkpoints["sd15"]), "ab"), targets=["dir"]).output("dir", 0)
+    p = two_image_batch(graph(checkpoints["sd15"]), "ab")
+    p["dir"]["inputs"]["images"] = "mean over the images"
+    mean = host.run_prompt(p, targets=["dir"]).output("dir", 0)
+    assert per.delta.shape == (2, 320, 1, 1) and mean.delta.shape == (1, 320, 1, 1)
+    assert torch.allclose(mean.delta, per.delta.mean(0, keepdim=True), atol=1e-6)
+    assert per.meta["images"] == 2 and per.meta["per_image"] and not mean.meta["per_image"]
+    one = graph(checkpoints["sd15"])                        # a one-image batch cannot take a two-image direction
+    with pytest.raises(ValueError, match="Asyrp Sampler: input 'direction': .*batch of 2, the latent has 1"):
+        run_sampler_with_stats(host, one, "src", "src", 1.0, direction=HDirection(per.delta, per.meta))
 
 
 def test_boost_phase_follows_the_seed(host, checkpoints):

@@ -1,9 +1,11 @@
 """Trained Asyrp directions without the host: f_t (App. E), linearity and serialisation of implicit directions,
-and Alg. 2's loop lowering a closed-form loss."""
+Alg. 2's loop lowering a closed-form loss, the L1 on [-1, 1] and the optimisers (reference-parity.md section 5)."""
+import pytest
 import torch
 
 from z2i.guidance.asyrp import HDirection
-from z2i.guidance.asyrp_train import DeltaBlock, make_trainable, timestep_embedding, train_direction
+from z2i.guidance.asyrp_train import (ADAM, SGD_STEPLR, DeltaBlock, asyrp_loss, make_optimizer, make_trainable,
+                                      recon_l1, timestep_embedding, train_direction)
 from z2i.tests.helpers import GaussianDenoiser
 
 
@@ -71,9 +73,59 @@ def test_training_loop_lowers_a_closed_form_loss():
     sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
     starts = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) * 10 for i in range(2)]
     seen = []
-    history = train_direction(denoise, starts, sigmas, 3, loss_fn, params, iterations=5, lr=0.05,
+    history = train_direction(denoise, starts, sigmas, 3, loss_fn, params, iterations=5, lr=0.05, optimizer=ADAM,
                               callback=lambda info: seen.append(info["done"]))
     losses = [h["loss"] for h in history]
     assert losses[1] < losses[0] and losses[-1] < 0.4 * losses[0], losses    # Adam on an L1 hovers near 0
     assert seen == list(range(1, 5 * 2 * 3 + 1))
     assert torch.allclose(direction.delta, offset, atol=0.1)
+
+
+def test_recon_l1_is_measured_on_minus_one_one():
+    """The official code's L1 sees images in [-1, 1]: twice the L1 of the same images in [0, 1]."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    assert torch.allclose(recon_l1(a, b), 2 * (a - b).abs().mean(), rtol=1e-6)
+
+
+def test_asyrp_loss_uses_the_doubled_l1_and_feeds_clip_zero_one_images():
+    seen = []
+
+    class Encoder:          # a stand-in for ClipEncoder: a fixed linear embedding of the mean colour
+        def encode_image(self, img):
+            seen.append((float(img.min()), float(img.max())))
+            return torch.nn.functional.normalize(img.mean((-2, -1)) @ torch.eye(3)[:, :2] + 0.1, dim=-1)
+
+    g = torch.Generator().manual_seed(1)
+    src = torch.rand(1, 3, 8, 8, generator=g)
+    edit = (src + 0.1 * torch.randn(1, 3, 8, 8, generator=g)).clamp(0, 1)
+    loss, parts = asyrp_loss(edit, src, Encoder(), torch.tensor([[1.0, 0.0]]), 0.0, 1.0)
+    assert abs(parts["recon"] - 2 * float((edit - src).abs().mean())) < 1e-6
+    assert abs(float(loss) - parts["recon"]) < 1e-6
+    assert all(0 <= lo and hi <= 1 for lo, hi in seen)      # the CLIP input stays in [0, 1]
+
+
+def test_official_optimizer_is_sgd_with_steplr_per_pass():
+    """SGD lr 0.5, StepLR(3, 0.1) stepped once per pass over the images: 0.5, 0.5, 0.5, 0.05, 0.05, 0.05, 0.005;
+    one optimiser step per timestep."""
+    direction, params = make_trainable("global", 4, (2, 2), seed=0)
+    steps = []
+
+    def denoise(x, sigma, edited):
+        return x + direction.delta_for(x, None) if edited else x
+
+    def loss_fn(x0_edit, x0_src):
+        loss = ((x0_edit - x0_src - 1.0) ** 2).mean()
+        return loss, {"clip": float(loss.detach()), "recon": 0.0}
+
+    starts = [torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)]
+    history = train_direction(denoise, starts, torch.tensor([3.0, 2.0, 1.0, 0.0]), 2, loss_fn, params, iterations=7,
+                              optimizer=SGD_STEPLR, callback=lambda info: steps.append(info["done"]))
+    assert [h["lr"] for h in history] == pytest.approx([0.5, 0.5, 0.5, 0.05, 0.05, 0.05, 0.005])
+    assert steps == list(range(1, 7 * 2 * 2 + 1))
+    opt, sched = make_optimizer(SGD_STEPLR, params)
+    assert isinstance(opt, torch.optim.SGD) and isinstance(sched, torch.optim.lr_scheduler.StepLR)
+    opt, sched = make_optimizer(ADAM, params)
+    assert isinstance(opt, torch.optim.Adam) and sched is None and opt.param_groups[0]["lr"] == 0.05
+    assert make_optimizer(SGD_STEPLR, params, lr=0.2)[0].param_groups[0]["lr"] == 0.2
+    assert make_optimizer(SGD_STEPLR, params, lr=-1)[0].param_groups[0]["lr"] == 0.5

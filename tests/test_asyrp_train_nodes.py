@@ -41,6 +41,23 @@ def test_training_lowers_the_loss_and_is_seeded(host, checkpoints, kind):
     assert ((a - b).norm() / a.norm()).item() < 1e-2        # CPU backward sums in thread order: not bit for bit
 
 
+def test_optimizer_choice_and_reference_lr(host, checkpoints):
+    """lr -1 = the chosen optimiser's reference lr: SGD + StepLR (official code) 0.5, 0.5, 0.5, 0.05 over four
+    passes; Adam (the default) 0.05."""
+    p = graph(checkpoints["sd15"], "global", lr=-1.0, optimizer="SGD + StepLR (official code)")
+    res = host.run_prompt(p, targets=["train"])
+    d, report = res.output("train", 0), res.output("train", 1)
+    assert [h["lr"] for h in d.meta["history"]] == pytest.approx([0.5, 0.5, 0.5, 0.05])
+    assert d.meta["optimizer"] == "SGD + StepLR (official code)" and d.meta["lr"] == 0.5
+    assert report.splitlines()[-1].endswith("lr 0.05)")
+    losses = [h["loss"] for h in d.meta["history"]]
+    assert min(losses[1:]) < losses[0], losses
+    p = graph(checkpoints["sd15"], "global", iterations=1, lr=-1.0)
+    p["train"]["inputs"].pop("optimizer", None)
+    d = host.run_prompt(p, targets=["train"]).output("train", 0)
+    assert d.meta["optimizer"] == "Adam" and d.meta["lr"] == 0.05 == d.meta["history"][0]["lr"]
+
+
 def test_trained_direction_edits_saves_and_loads_identically(host, checkpoints):
     p = graph(checkpoints["sd15"], "implicit", iterations=2)
     p["save"] = {"class_type": "Z2I_SaveHDirection", "inputs": {"direction": ["train", 0], "filename": "z2i_test_trained"}}

@@ -4,9 +4,11 @@ import math
 import pytest
 import torch
 
+from z2i.attention_patches.controller import AttentionCall, MapStore, Mixup, renormalise_background, resize_mask
 from z2i.attention_patches.csg_mask import content_mask
-from z2i.guidance.csg import (align_tokens, background_gate, csg_step, gamma_vp, omega, pull_coefficient,
-                              token_positions)
+from z2i.attention_patches.sites import Site
+from z2i.guidance.csg import (align_tokens, background_gate, csg_step, gamma_vp, hard_background, omega,
+                              pull_coefficient, token_positions)
 from z2i.guidance.schedules import to_vp
 from z2i.tests.helpers import GaussianDenoiser
 
@@ -66,3 +68,100 @@ def test_content_mask_is_self_attention_times_word_map():
     a = torch.full((1, 4, 4), 0.25)
     assert torch.allclose(content_mask(m, a), torch.full((1, 2, 2), 0.25))
     assert torch.equal(content_mask(m, torch.eye(4)[None]), m)
+
+
+def _blobs(size=64):
+    """Two soft object masks with peaks well below 1 (as CSG's smoothed word map), at different places."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    blob = lambda cy, cx, peak: peak * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)  # noqa: E731
+    return torch.stack([blob(0.3, 0.6, 0.35), blob(0.7, 0.2, 0.5)])
+
+
+@pytest.mark.parametrize("side", [8, 16, 32, 64])
+def test_mixup_renormalised_gives_target_maps_at_the_object_peak(side):
+    """The authors' code divides the object mask by its max after resizing it to each layer: at the peak the
+    mixed maps are the target maps exactly, per image; elsewhere w = M / max M weights the target maps."""
+    torch.manual_seed(side)
+    background = 1 - _blobs()
+    site, n = Site("output", 1, 0), side * side
+    src = torch.softmax(torch.randn(2, 4, n, 77), -1)
+    tgt = torch.softmax(torch.randn(2, 4, n, 77), -1)
+    store = MapStore()
+    store.put(0, site, 0, src)
+    call = AttentionCall(0, [], latent_hw=(64, 64))
+    code = Mixup(store, background).process(tgt, site, 0, call)
+    obj = 1 - resize_mask(background, (side, side))
+    assert float(obj.max()) < 0.6                                            # far from a binary mask
+    for b in range(2):
+        peak = int(obj[b].flatten().argmax())
+        assert torch.equal(code[b, :, peak], tgt[b, :, peak])
+    w = obj / obj.flatten(1).amax(1)[:, None, None, None]
+    assert torch.allclose(code, tgt * w + src * (1 - w), atol=1e-6)
+    for b in range(2):                                                       # each image gets what it gets alone
+        alone = MapStore()
+        alone.put(0, site, 0, src[b:b + 1])
+        assert torch.equal(Mixup(alone, background[b:b + 1]).process(tgt[b:b + 1], site, 0, call), code[b:b + 1])
+    # paper-literal: P as given, the old formula (M_src * P + M_tgt * (1 - P), P resized)
+    p = resize_mask(background, (side, side))
+    paper = Mixup(store, background, normalise=False).process(tgt, site, 0, call)
+    assert torch.equal(paper, src * p + tgt * (1 - p))
+    half = Mixup(store, background, normalise=False, strength=0.5).process(tgt, site, 0, call)
+    p_old = resize_mask(background * 0.5, (side, side))                      # the old patcher scaled P first
+    assert torch.allclose(half, src * p_old + tgt * (1 - p_old), atol=1e-7)
+    assert (paper - code).abs().max() > 0.1                                  # the two forms differ
+
+
+def test_renormalise_background_leaves_an_empty_object_alone():
+    p = torch.ones(2, 1, 16, 1)
+    p[1, 0, 3] = 0.75
+    out = renormalise_background(p)
+    assert torch.equal(out[0], p[0])                                         # all background: no 0/0
+    assert float(out[1, 0, 3]) == 0.0 and torch.equal(out[1, 0, :3], p[1, 0, :3])
+    binary = (torch.rand(1, 1, 16, 1) > 0.5).float()
+    binary[0, 0, 0] = 0
+    assert torch.equal(renormalise_background(binary), binary)               # a binary mask is unchanged
+
+
+def _sd_sigmas(steps):
+    """SD1.x's discrete sigmas on ComfyUI's ddim_uniform grid (t = 981, 961, ..., 1 for 50 steps), then 0."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)
+    sigmas = ((1 - a) / a).sqrt()
+    ts = list(range(1, 1000, 1000 // steps))[::-1]
+    return [float(sigmas[t]) for t in ts] + [0.0]
+
+
+def _step_factors(p_value, steps, clamp, lambda_pre=15.0):
+    """What each CSG step multiplies x - x^src by at a pixel of background probability p_value (the
+    denoised prediction held fixed): 1 - c - c * Omega_t, c = 1 - sigma_next / sigma."""
+    sigmas = _sd_sigmas(steps)
+    bg, one, zero = torch.full((1, 1, 1), p_value), torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    return [float(csg_step(one, sigmas[i], sigmas[i + 1], zero, zero, omega(bg, lambda_pre, i, steps), clamp=clamp))
+            for i in range(steps)]
+
+
+def test_pull_clamp_decision_soft_masks_follow_the_paper_hard_masks_diverge():
+    """Why the cap is on for hard masks only. With 50 steps and lambda_pre 15 a soft pixel (P < 1) leaves B_t
+    before the pull coefficient grows again, so Eq. 18 contracts x - x^src at every step (over-correcting
+    early: factor -0.76 at the first step); a cap would change that (-0.11). A P = 1 pixel stays gated to the
+    end, where the coefficient reaches 4.5, 10.6, 15: the last steps amplify x - x^src about 2000 times. The
+    capped steps never amplify it."""
+    soft, soft_capped = _step_factors(0.999, 50, clamp=False), _step_factors(0.999, 50, clamp=True)
+    assert max(abs(f) for f in soft) < 1
+    assert soft[0] == pytest.approx(-0.76, abs=0.01) and soft_capped[0] == pytest.approx(-0.11, abs=0.01)
+    for steps in (50, 10):
+        hard, hard_capped = _step_factors(1.0, steps, clamp=False), _step_factors(1.0, steps, clamp=True)
+        assert math.prod(abs(f) for f in hard if abs(f) > 1) > 1e3, steps
+        assert max(abs(f) for f in hard_capped) <= 1, steps
+    assert hard[-1] == pytest.approx(-15.0)                                  # the last step: -lambda_pre
+    assert hard_background(torch.tensor([[[1.0, 0.0]], [[0.999, 0.2]]])).tolist() == [True, False]
+
+
+def test_csg_step_clamps_per_image():
+    torch.manual_seed(1)
+    x, x_src, d = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    om = torch.full((2, 8, 8), 15.0)
+    both = csg_step(x, 0.2, 0.1, d, x_src, om, clamp=True)
+    none = csg_step(x, 0.2, 0.1, d, x_src, om, clamp=False)
+    first = csg_step(x, 0.2, 0.1, d, x_src, om, clamp=torch.tensor([True, False]))
+    assert torch.equal(first[0], both[0]) and torch.equal(first[1], none[1]) and not torch.equal(both, none)
