@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
-from ..guidance.ddim import per_row, seeded_noise_sampler
+from ..guidance.ddim import finish, model_sigma_floor, per_row, seeded_noise_sampler
 from ._host import Z2IInputError, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -56,7 +56,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                 extra_loss if guided else None)
             cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
             x = x_next
-    return x
+    return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)
 
 
 def _style_loss(stack: ExitStack, style: dict, base, traj, x, seed):

@@ -16,7 +16,7 @@ from ..attention_patches.controller import AttentionCall, Capture, MapStore, Mix
 from ..attention_patches.csg_mask import SelfAttentionMean, TokenMapMean, content_mask
 from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
-from ..guidance.ddim import ddim_step
+from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
 from ._host import Z2IInputError, interruptible, unet_of
 from .attention import GuidedCalls
@@ -246,7 +246,7 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             x = denoised
         else:
             x = ddim_step(denoised, eps_from_denoised(x, sigma, denoised), sigma, sigma_next)
-    return x
+    return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)
 
 
 def pull_clamp(background: torch.Tensor, clamp: bool, guard: bool):

@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
 from ..guidance.asyrp_train import ADAM, OPTIMIZERS, asyrp_loss, make_trainable, train_direction
 from ..guidance.autograd import autograd_parameters
+from ..guidance.ddim import finish, model_sigma_floor
 from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch, hspace_output_block_patch
 from ..guidance.inversion import sample_ddim_invert
 from ._host import (Z2IInputError, check_latent, downsample_factor, file_fingerprint, interruptible,
@@ -81,7 +82,7 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
                        seed=extra_args.get("seed"), callback=interruptible(callback))
     if stats is not None:
         stats.update(edit_steps=edit_steps, boost_from=boost, scale=total, deltas=call.seen)
-    return out
+    return finish(out, sigmas, model_sigma_floor(model))   # diffusers' clean latent when the schedule ends at sigma(0)
 
 
 class AsyrpSampler(io.ComfyNode):
