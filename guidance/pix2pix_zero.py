@@ -125,11 +125,19 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                 denoised = denoise_cfg(x_edit, sigma)
             else:
                 ids = {} if contrastive is not None else None          # one set of patch locations per step
-                x_u, loss_u = xa_guidance_step(x_edit, sigma, denoise_ref, ref_maps, i, lam, sites, contrastive,
-                                               feats, weight=0.5, patch_ids=ids)
+                if x_edit is x_ref and contrastive is None:
+                    # the first step: the caption half sits on the reference itself, its maps are M_ref, its loss
+                    # and gradient are zero, so x_u = x and eps_u is the reference's (saves a forward + backward
+                    # and a forward; the official code computes the zero anyway)
+                    x_u, d_u = x_edit, d_ref
+                else:
+                    x_u, _ = xa_guidance_step(x_edit, sigma, denoise_ref, ref_maps, i, lam, sites, contrastive,
+                                              feats, weight=0.5, patch_ids=ids)
+                    d_u = None
                 x_c, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
                                              feats, weight=0.5, patch_ids=ids)
-                d_u = denoise_ref(x_u, sigma, None)
+                if d_u is None:
+                    d_u = denoise_ref(x_u, sigma, None)
                 d_c = denoise_edit(x_c, sigma, None)
                 denoised = combine(x_u, d_u, x_c, d_c, sigma)
                 x_edit = x_u
