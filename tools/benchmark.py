@@ -498,8 +498,9 @@ def write_markdown(path: Path, results: list, args) -> None:
               "plain sampling of the same image size and step count in the same run.",
               "- UNet rows / step counts batch rows through the UNet: CFG (cond + uncond) is 2 rows. Plain sampling, "
               "our DDIM, pix2pix-zero and CSG run at cfg 5; inversion and Asyrp at cfg 1 (their papers' setting), "
-              "where ComfyUI skips the unconditional half. pix2pix-zero adds a reference row and a guided row with "
-              "one backward pass per step; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
+              "where ComfyUI skips the unconditional half. pix2pix-zero in its default (official-code) form runs a "
+              "reference row, a guided row with a backward pass for each CFG half (the caption half's is skipped at the "
+              "first step, where its gradient is zero) and re-evaluates each half at its moved latent; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
               "only (the numbers are per-step averages over all steps).",
               "- The two CLIP-loss rows use the tiny random open_clip (32 px input), so they show the structure of "
               "the cost (a VAE decode and a CLIP pass with backward per evaluation), not what a ViT-B/32 on a 512 px "
