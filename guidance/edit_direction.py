@@ -63,3 +63,47 @@ class EditDirection:
         if metadata.get("format") != FORMAT or "delta" not in tensors:
             raise ValueError(f"not a Z2I edit direction (format {metadata.get('format')!r})")
         return cls(delta=tensors["delta"], pooled=tensors.get("pooled"), meta=json.loads(metadata.get("meta", "{}")))
+
+
+# -- checks of a loaded file (before EditDirection.from_safetensors) ----------------------------------------
+TOKENS = 77                 # one CLIP chunk: every SD text encoder's per-token output
+MAX_WIDTH = 8192            # SD1.x 768, SD2.x 1024, SDXL 2048 (pooled 1280): far above any of them
+
+
+def check_file_header(shapes: dict, metadata: Optional[dict]) -> dict:
+    """Check a direction file from its header only (tensor name -> shape, string metadata): the format, the tensors
+    it holds and their shapes (delta [1, 77, D], pooled [1, P]), and the meta JSON. Returns the parsed meta; raises
+    ValueError(problem) before anything is read or allocated."""
+    metadata = metadata or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"not a Z2I edit direction (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    extra = sorted(set(shapes) - {"delta", "pooled"})
+    if "delta" not in shapes or extra:
+        raise ValueError(f"holds the tensors {sorted(shapes)}, expected 'delta' and optionally 'pooled'")
+    delta = tuple(shapes["delta"])
+    if len(delta) != 3 or delta[0] != 1 or delta[1] != TOKENS or not 1 <= delta[2] <= MAX_WIDTH:
+        raise ValueError(f"its delta has shape {list(delta)}, expected [1, {TOKENS}, width] (width 1..{MAX_WIDTH})")
+    if "pooled" in shapes:
+        pooled = tuple(shapes["pooled"])
+        if len(pooled) != 2 or pooled[0] != 1 or not 1 <= pooled[1] <= MAX_WIDTH:
+            raise ValueError(f"its pooled vector has shape {list(pooled)}, expected [1, width] (width 1..{MAX_WIDTH})")
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except ValueError:
+        raise ValueError("its 'meta' entry is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"its 'meta' entry is a {type(meta).__name__}, expected a JSON object")
+    width = meta.get("width")
+    if width is not None and width != delta[2]:
+        raise ValueError(f"its metadata says width {width!r} but the delta is {delta[2]} wide")
+    return meta
+
+
+def check_file_tensors(tensors: dict) -> None:
+    """Floating-point and finite values only (a NaN in delta turns every edited image NaN/black)."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"its {key} tensor holds {t.dtype} values, expected floating point")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"its {key} tensor holds {bad} NaN or infinite value(s)")

@@ -9,6 +9,8 @@ Skip connections are never modified (Asyrp pitfall 3.8.1).
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -69,3 +71,104 @@ def hspace_middle_block_after_patch(args: dict) -> dict:
         args = dict(args)
         args["h"] = call.apply(args["h"], args["transformer_options"])
     return args
+
+
+# -- checks of a loaded h-direction file (before HDirection.from_safetensors) -----------------------------------
+# Sane bounds, far above every SD family (middle block: 1280 channels; h: 1/64 of the image side; the Train node's
+# hidden layer: at most 4096), checked on the header alone, so a file that declares huge layers is refused before
+# anything is allocated.
+MAX_CHANNELS = 4096
+MAX_HIDDEN = 4096
+MAX_TEMB = 4096
+MAX_ROWS = 4096
+MAX_SPATIAL = 1024
+MAX_IMPLICIT = 64
+IMPLICIT_CONFIG = {"channels": MAX_CHANNELS, "hidden": MAX_HIDDEN, "temb_dim": MAX_TEMB}
+
+
+def _implicit_shapes(config: dict) -> dict:
+    """Parameter name -> shape of the implicit function f_t for a checked config, built on the meta device
+    (no memory), so the expected state_dict always follows guidance.asyrp_train.DeltaBlock."""
+    from .asyrp_train import DeltaBlock
+    with torch.device("meta"):
+        block = DeltaBlock(**config)
+    return {k: tuple(v.shape) for k, v in block.state_dict().items()}
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_file_header(shapes: dict, metadata: Optional[dict]) -> dict:
+    """Check an h-direction file from its header only (tensor name -> shape, string metadata): the format, the global
+    delta [N, C, h, w], each implicit function's config (known keys, integer sizes within the bounds above) and its
+    state_dict (exactly the tensors and shapes that config makes), one channel count for all parts, and the meta JSON.
+    Returns the parsed meta; raises ValueError(problem) before anything is read or allocated."""
+    from .asyrp import FORMAT
+    metadata = metadata or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"not a Z2I h-space direction (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    try:
+        implicit = json.loads(metadata.get("implicit", "[]"))
+        meta = json.loads(metadata.get("meta", "{}"))
+    except ValueError:
+        raise ValueError("its 'implicit' or 'meta' entry is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"its 'meta' entry is a {type(meta).__name__}, expected a JSON object")
+    if not isinstance(implicit, list) or len(implicit) > MAX_IMPLICIT:
+        raise ValueError(f"its 'implicit' entry must be a list of at most {MAX_IMPLICIT} functions")
+    channels = set()
+    if "delta" in shapes:
+        d = tuple(shapes["delta"])
+        if len(d) != 4 or not (_int_in(d[0], 1, MAX_ROWS) and _int_in(d[1], 1, MAX_CHANNELS)
+                               and _int_in(d[2], 1, MAX_SPATIAL) and _int_in(d[3], 1, MAX_SPATIAL)):
+            raise ValueError(f"its delta has shape {list(d)}, expected [rows, channels, h, w] (rows 1..{MAX_ROWS}, "
+                             f"channels 1..{MAX_CHANNELS}, h and w 1..{MAX_SPATIAL})")
+        channels.add(d[1])
+    elif not implicit:
+        raise ValueError("it holds neither a delta tensor nor an implicit function")
+    expected = {"delta"}
+    for i, item in enumerate(implicit):
+        what = f"implicit function {i}"
+        if not isinstance(item, dict) or set(item) != {"coef", "config"}:
+            keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise ValueError(f"{what} has the entries {keys}, expected ['coef', 'config']")
+        coef, config = item["coef"], item["config"]
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+            raise ValueError(f"{what} has coefficient {coef!r}, expected a finite number")
+        if not isinstance(config, dict):
+            raise ValueError(f"{what} has a config of type {type(config).__name__}, expected an object")
+        unknown = sorted(set(config) - set(IMPLICIT_CONFIG))
+        if unknown or "channels" not in config:
+            raise ValueError(f"{what}'s config has the keys {sorted(config)}"
+                             + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else "")
+                             + f", expected channels and optionally hidden, temb_dim")
+        for key, value in config.items():
+            if not _int_in(value, 1, IMPLICIT_CONFIG[key]):
+                raise ValueError(f"{what}'s config declares {key} = {value!r}, expected an integer 1.."
+                                 f"{IMPLICIT_CONFIG[key]}")
+        channels.add(config["channels"])
+        want = {f"implicit.{i}.{k}": v for k, v in _implicit_shapes(config).items()}
+        got = {k: tuple(v) for k, v in shapes.items() if k.startswith(f"implicit.{i}.")}
+        if got != want:
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+            raise ValueError(f"{what}'s weights do not match its config {config} (missing {missing}, unexpected "
+                             f"{extra}, wrong shape {[(k, list(got[k]), list(want[k])) for k in wrong]})")
+        expected |= set(want)
+    extra = sorted(set(shapes) - expected)
+    if extra:
+        raise ValueError(f"it holds tensors that belong to no part of a direction: {extra[:8]}")
+    if len(channels) > 1:
+        raise ValueError(f"its parts have different channel counts {sorted(channels)}")
+    return meta
+
+
+def check_file_tensors(tensors: dict) -> None:
+    """Floating-point and finite values only (a NaN in delta_h turns the edited image NaN/black)."""
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"its {key} tensor holds {t.dtype} values, expected floating point")
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"its {key} tensor holds {bad} NaN or infinite value(s)")

@@ -12,10 +12,21 @@ from .types import ModelSignature
 
 
 class Z2IInputError(ValueError):
-    """A bad input, with a message that names the node, the input and the fix."""
+    """A bad input, with a message that names the node, the input and the fix.
+
+    ComfyUI shows an error as `<module>.<class>: message` unless the module is "builtins"
+    (execution.full_type_name); the pack's module path (`.../custom_nodes/z2i.nodes._host`) means nothing to a
+    user, so the class reports itself as a builtin and the UI reads `Z2IInputError: <node>: input ...`."""
 
     def __init__(self, node: str, input_name: str, problem: str, fix: str):
         super().__init__(f"{node}: input '{input_name}': {problem}. {fix}")
+        self.node, self.input_name, self.problem, self.fix = node, input_name, problem, fix
+
+    def __reduce__(self):      # pickled through this module's function (builtins has no Z2IInputError)
+        return _rebuild_input_error, (self.node, self.input_name, self.problem, self.fix)
+
+
+Z2IInputError.__module__ = "builtins"
 
 
 def interruptible(callback: Optional[Callable[[dict], None]]) -> Callable[[dict], None]:
@@ -143,3 +154,122 @@ def load_safetensors(folder: str, name: str, node: str, hint: str) -> tuple[dict
         raise Z2IInputError(node, "name", f"'{name}' is not in models/{folder}", hint)
     with safetensors.safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+# -- file names and file contents (issue 18): only files inside their model folder, nothing unreadable ---------
+NAME_MAX_BYTES = 255        # longest file name (one path component) on the usual file systems
+
+
+def path_name_problem(name, folder: str) -> Optional[str]:
+    """Why `name` cannot name something inside models/<folder> (None when it can): it must be a plain relative name,
+    no NUL, no absolute path or drive, no '..' component."""
+    import re
+
+    if not isinstance(name, str) or not name.strip():
+        return f"expected the name of a file in models/{folder}, got {name!r}"
+    if "\x00" in name:
+        return "the name contains a NUL byte"
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return f"{name[:80]!r} is an absolute path; only files inside models/{folder} can be loaded"
+    if ".." in re.split(r"[\\/]", name):
+        return f"{name[:80]!r} leads out of models/{folder} ('..')"
+    return None
+
+
+def listed_file_error(folder: str, name, node: str, input_name: str, fix: str) -> Optional[Z2IInputError]:
+    """The refusal for a `name` that is not one of the files ComfyUI lists in models/<folder>, else None. Use it in
+    validate_inputs (V3 Combo values are not checked by ComfyUI 0.3.75) and again at run time."""
+    import folder_paths
+
+    problem = path_name_problem(name, folder)
+    if problem is None and name not in folder_paths.get_filename_list(folder):
+        problem = f"'{name}' is not in models/{folder}"
+    return None if problem is None else Z2IInputError(node, input_name, problem, fix)
+
+
+def listed_file(folder: str, name, node: str, input_name: str, fix: str) -> str:
+    """Full path of `name`, one of the files ComfyUI lists in models/<folder>; a Z2IInputError otherwise."""
+    import os
+
+    import folder_paths
+
+    err = listed_file_error(folder, name, node, input_name, fix)
+    path = None if err is not None else folder_paths.get_full_path(folder, name)
+    bases = [os.path.abspath(b) for b in folder_paths.get_folder_paths(folder)]
+    if path is None or not any(os.path.commonpath([os.path.abspath(path), b]) == b for b in bases):
+        raise err or Z2IInputError(node, input_name, f"'{name}' is not in models/{folder}", fix)
+    return path
+
+
+def listed_fingerprint(folder: str, name) -> str:
+    """file_fingerprint for listed files only (anything else is refused by validation; its name is its key)."""
+    if listed_file_error(folder, name, "", "", "") is not None:
+        return repr(name)
+    return file_fingerprint(folder, name)
+
+
+def save_name_error(filename, node: str, input_name: str = "filename") -> Optional[Z2IInputError]:
+    """The refusal for a save name the file system cannot take (NUL byte, over 255 characters, a file name over 255
+    bytes once save_unique adds _NNNNN.safetensors), else None. '../', absolute paths and backslashes are not
+    refused: save_unique keeps only the last path component."""
+    import os
+
+    if not isinstance(filename, str):
+        return Z2IInputError(node, input_name, f"expected a text, got {type(filename).__name__}", "type a file name")
+    if "\x00" in filename:
+        return Z2IInputError(node, input_name, "the name contains a NUL byte, which no file name can hold",
+                             "remove it (type the name again instead of pasting it)")
+    if len(filename) > NAME_MAX_BYTES:
+        return Z2IInputError(node, input_name, f"the name is {len(filename)} characters long, more than "
+                             f"{NAME_MAX_BYTES}", "use a shorter name")
+    stem = os.path.basename(filename.strip()) or "direction"
+    size = len(stem.encode("utf-8", "surrogatepass")) + len("_00000.safetensors")
+    if size > NAME_MAX_BYTES:
+        return Z2IInputError(node, input_name, f"the file name would be {size} bytes (with _NNNNN.safetensors), "
+                             f"more than the {NAME_MAX_BYTES} a file system allows", "use a shorter name")
+    return None
+
+
+def check_save_name(filename, node: str, input_name: str = "filename") -> None:
+    err = save_name_error(filename, node, input_name)
+    if err is not None:
+        raise err
+
+
+def read_checked_safetensors(folder: str, name, node: str, fix: str, check_header: Callable[[dict, dict], None],
+                             check_tensors: Callable[[dict], None], input_name: str = "name") -> tuple[dict, dict]:
+    """(tensors, metadata) of a listed file in models/<folder>, checked in two steps: `check_header(shapes,
+    metadata)` sees only the header (tensor name -> shape, and the metadata), before any tensor is read, so a file
+    that declares something absurd is refused before anything is allocated; `check_tensors(tensors)` then sees the
+    loaded values (dtype, NaN/Inf). Either raises ValueError(problem); an unreadable file (corrupt, truncated, not
+    safetensors) and every problem become a Z2IInputError naming the node, the input and `fix`."""
+    import safetensors
+
+    path = listed_file(folder, name, node, input_name, fix)
+
+    def refuse(problem: str) -> Z2IInputError:
+        return Z2IInputError(node, input_name, f"'{name}': {problem}", fix)
+
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            try:
+                check_header(shapes, metadata)
+            except ValueError as e:
+                raise refuse(str(e)) from None
+            tensors = {k: f.get_tensor(k) for k in shapes}
+    except Z2IInputError:
+        raise
+    except Exception as e:           # safetensors' own errors (header too large, incomplete metadata, ...) and OSError
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise refuse(f"not a readable safetensors file, corrupt or truncated ({first})") from None
+    try:
+        check_tensors(tensors)
+    except ValueError as e:
+        raise refuse(str(e)) from None
+    return tensors, metadata
+
+
+def _rebuild_input_error(node: str, input_name: str, problem: str, fix: str) -> Z2IInputError:
+    return Z2IInputError(node, input_name, problem, fix)

@@ -9,7 +9,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ._host import Z2IInputError, register_model_folder
+from ._host import Z2IInputError, path_name_problem, register_model_folder
 
 BLIP = register_model_folder("blip", {".safetensors", ".bin", ".json"})
 NODE = "Z2I BLIP Caption"
@@ -26,14 +26,29 @@ def blip_models() -> list[str]:
     return names
 
 
+FIX = ("save one there with transformers' save_pretrained (BlipForConditionalGeneration and BlipProcessor, e.g. "
+       "Salesforce/blip-image-captioning-base), one folder per model, and pick it in the list")
+
+
+def model_error(name) -> Z2IInputError | None:
+    """The refusal for a model name that is not a folder listed in models/blip (paths, '..', absolute, NUL)."""
+    problem = path_name_problem(name, BLIP)
+    if problem is None and name not in blip_models():
+        problem = f"no BLIP model '{name}' in {folder_paths.get_folder_paths(BLIP)}"
+    return None if problem is None else Z2IInputError(NODE, "model", problem, FIX)
+
+
 def _model_dir(name: str) -> str:
+    """The folder of a model listed in models/blip: resolved only among that folder's own sub-folders."""
+    err = model_error(name)
+    if err is not None:
+        raise err
     for base in folder_paths.get_folder_paths(BLIP):
         path = os.path.join(base, name)
-        if os.path.isfile(os.path.join(path, "config.json")):
+        inside = os.path.dirname(os.path.abspath(path)) == os.path.abspath(base)
+        if inside and os.path.isfile(os.path.join(path, "config.json")):
             return path
-    raise Z2IInputError(NODE, "model", f"no BLIP model '{name}' in {folder_paths.get_folder_paths(BLIP)}",
-                        "save one there with transformers' save_pretrained (BlipForConditionalGeneration and "
-                        "BlipProcessor, e.g. Salesforce/blip-image-captioning-base), one folder per model")
+    raise Z2IInputError(NODE, "model", f"no BLIP model '{name}' in {folder_paths.get_folder_paths(BLIP)}", FIX)
 
 
 def load_blip(path: str):
@@ -66,7 +81,8 @@ class BLIPCaption(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="Images to caption; one caption per image."),
                 io.Combo.Input("model", options=blip_models() or ["(no BLIP model in models/blip)"],
-                               tooltip="A folder in models/blip holding config.json, weights and processor files."),
+                               tooltip="A folder directly in models/blip holding config.json, weights and processor "
+                                       "files (only listed folders load: no paths, nothing downloaded)."),
                 io.Int.Input("num_beams", default=3, min=1, max=16,
                              tooltip="Beam search width (1 = greedy). Deterministic either way."),
                 io.Int.Input("max_new_tokens", default=30, min=1, max=200, tooltip="Longest caption in tokens."),
@@ -78,6 +94,11 @@ class BLIPCaption(io.ComfyNode):
                                       tooltip="One caption per input image (a list: downstream nodes run "
                                               "once per caption).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model=None):
+        err = None if model is None else model_error(model)
+        return True if err is None else str(err)
 
     @classmethod
     def execute(cls, image, model, num_beams, max_new_tokens, prefix="") -> io.NodeOutput:

@@ -7,15 +7,18 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..guidance.edit_direction import EditDirection, apply_direction, construct_direction
+from ..guidance.edit_direction import (EditDirection, apply_direction, check_file_header, check_file_tensors,
+                                       construct_direction)
 from ..guidance.sentences import TEMPLATES, parse_sentences, template_sentences
-from ._host import Z2IInputError, file_fingerprint, load_safetensors, register_model_folder, save_unique
+from ._host import (Z2IInputError, check_save_name, listed_file_error, listed_fingerprint, read_checked_safetensors,
+                    register_model_folder, save_name_error, save_unique)
 
 EditDirectionType = io.Custom("Z2I_EDIT_DIRECTION")
 DIRECTIONS = register_model_folder("edit_directions", {".safetensors"})
 SENTENCES = register_model_folder("z2i_sentences", {".txt"})
 NO_FILE = "(none)"
 BATCH = 16
+SAVE, LOAD = "Z2I Save Edit Direction", "Z2I Load Edit Direction"
 
 
 def _bank(node: str, which: str, word: str, text: str, file: str, n: int, seed: int) -> list[str]:
@@ -166,14 +169,22 @@ class SaveEditDirection(io.ComfyNode):
                         "width, clip skip, words, sentence counts). Never overwrites: a counter is added.",
             inputs=[
                 EditDirectionType.Input("direction", tooltip="The direction to save."),
-                io.String.Input("filename", default="cat_to_dog", tooltip=f"Name inside models/{DIRECTIONS}."),
+                io.String.Input("filename", default="cat_to_dog",
+                                tooltip=f"Name inside models/{DIRECTIONS} (folders and '..' are dropped: only the "
+                                        "last part is used; at most 255 characters, no NUL byte)."),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None):
+        err = None if filename is None else save_name_error(filename, SAVE)
+        return True if err is None else str(err)
+
+    @classmethod
     def execute(cls, direction, filename) -> io.NodeOutput:
+        check_save_name(filename, SAVE)
         return io.NodeOutput(ui={"text": [save_unique(DIRECTIONS, filename, *direction.to_safetensors())]})
 
 
@@ -192,19 +203,27 @@ class LoadEditDirection(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, name=None):
+        err = None if name is None else listed_file_error(DIRECTIONS, name, LOAD, "name", _load_fix())
+        return True if err is None else str(err)
+
+    @classmethod
     def fingerprint_inputs(cls, name):
-        return file_fingerprint(DIRECTIONS, name)
+        return listed_fingerprint(DIRECTIONS, name)
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
-        tensors, metadata = load_safetensors(DIRECTIONS, name, "Z2I Load Edit Direction",
-                                             f"save one with Save Edit Direction or copy it to "
-                                             f"{folder_paths.get_folder_paths(DIRECTIONS)[0]}")
+        tensors, metadata = read_checked_safetensors(DIRECTIONS, name, LOAD, _load_fix(), check_file_header,
+                                                     check_file_tensors)
         try:
             return io.NodeOutput(EditDirection.from_safetensors(tensors, metadata))
         except ValueError as e:
-            raise Z2IInputError("Z2I Load Edit Direction", "name", f"{name}: {e}", "pick a file written by "
-                                "Save Edit Direction") from None
+            raise Z2IInputError(LOAD, "name", f"'{name}': {e}", _load_fix()) from None
+
+
+def _load_fix() -> str:
+    return (f"pick a file written by Save Edit Direction (or save one again) in "
+            f"{folder_paths.get_folder_paths(DIRECTIONS)[0]}")
 
 
 NODES = [EditDirectionNode, ApplyEditDirection, SaveEditDirection, LoadEditDirection]

@@ -17,16 +17,19 @@ from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scal
 from ..guidance.asyrp_train import ADAM, OPTIMIZERS, asyrp_loss, make_trainable, train_direction
 from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import finish, model_sigma_floor
-from ..guidance.hspace import HSPACE_KEY, HCall, hspace_middle_block_after_patch, hspace_output_block_patch
+from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
+                               hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IInputError, check_latent, downsample_factor, file_fingerprint, interruptible,
-                    load_safetensors, model_signature, register_model_folder, save_unique, schedule_sigmas, unet_of)
+from ._host import (Z2IInputError, check_latent, check_save_name, downsample_factor, interruptible, listed_file_error,
+                    listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
+                    save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
 HDirectionType = io.Custom("Z2I_H_DIRECTION")
 H_DIRS = register_model_folder("h_directions", {".safetensors"})
 ASYRP, DERIVE, TRAIN = "Z2I Asyrp Sampler", "Z2I h-space Direction From Prompts", "Z2I Train h-space Direction"
+SAVE, LOAD = "Z2I Save h-space Direction", "Z2I Load h-space Direction"
 UNITS = ["percent", "timestep"]
 PER_IMAGE, MEAN = "one direction per image", "mean over the images"
 DEFAULT_OPTIMIZER = ADAM            # trains at least as well as SGD + StepLR on the tiny test model
@@ -411,13 +414,21 @@ class SaveHDirection(io.ComfyNode):
             category="Z2I/hspace",
             description=f"Writes a direction to models/{H_DIRS} (safetensors + metadata; never overwrites).",
             inputs=[HDirectionType.Input("direction", tooltip="The direction to save."),
-                    io.String.Input("filename", default="smile", tooltip=f"Name inside models/{H_DIRS}.")],
+                    io.String.Input("filename", default="smile",
+                                    tooltip=f"Name inside models/{H_DIRS} (folders and '..' are dropped: only the "
+                                            "last part is used; at most 255 characters, no NUL byte).")],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
+    def validate_inputs(cls, filename=None):
+        err = None if filename is None else save_name_error(filename, SAVE)
+        return True if err is None else str(err)
+
+    @classmethod
     def execute(cls, direction, filename) -> io.NodeOutput:
+        check_save_name(filename, SAVE)
         return io.NodeOutput(ui={"text": [save_unique(H_DIRS, filename, *direction.to_safetensors())]})
 
 
@@ -435,18 +446,30 @@ class LoadHDirection(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, name=None):
+        err = None if name is None else listed_file_error(H_DIRS, name, LOAD, "name", _load_fix())
+        return True if err is None else str(err)
+
+    @classmethod
     def fingerprint_inputs(cls, name):
-        return file_fingerprint(H_DIRS, name)
+        return listed_fingerprint(H_DIRS, name)
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
-        tensors, metadata = load_safetensors(H_DIRS, name, "Z2I Load h-space Direction",
-                                             "save one with Save h-space Direction first")
+        # the header is checked (format, shapes, implicit configs within bounds) before any tensor is read or any
+        # layer built: a file declaring huge layers is refused, not allocated
+        tensors, metadata = read_checked_safetensors(H_DIRS, name, LOAD, _load_fix(), check_file_header,
+                                                     check_file_tensors)
         try:
             return io.NodeOutput(HDirection.from_safetensors(tensors, metadata))
-        except ValueError as e:
-            raise Z2IInputError("Z2I Load h-space Direction", "name", str(e), "pick a file written by Save "
-                                "h-space Direction") from None
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise Z2IInputError(LOAD, "name", f"'{name}': {(str(e).splitlines() or [type(e).__name__])[0][:200]}",
+                                _load_fix()) from None
+
+
+def _load_fix() -> str:
+    return (f"pick a file written by Save h-space Direction (or save one again) in "
+            f"{folder_paths.get_folder_paths(H_DIRS)[0]}")
 
 
 NODES = [AsyrpSampler, HDirectionFromPrompts, HDirectionTrain, HDirectionCombine, SaveHDirection, LoadHDirection]
