@@ -2,11 +2,12 @@
 there, so checkpoint weights are inference tensors and "cannot be saved for backward";
 shared/design/comfyui-internals.md section 3).
 
-`autograd_parameters(module)` swaps each inference-tensor parameter and buffer for a normal tensor for the
+`autograd_parameters(*modules)` swaps each inference-tensor parameter and buffer for a normal tensor for the
 duration of a `with` block and puts the original objects back afterwards, so the shared model is left exactly
 as it was. The normal tensor is a zero-copy alias of the same memory made through DLPack (a tensor rebuilt
 from raw storage carries no inference flag), so no weight is copied; dtypes DLPack cannot carry (e.g. fp8)
-fall back to a copy. The aliases are never written to. Use it around a whole guided run, not per step.
+fall back to a copy. The aliases are never written to. Use it around a whole guided run, not per step, over
+every network the guided call runs (nodes._host.guided_networks finds them in a sampling run).
 """
 from __future__ import annotations
 
@@ -28,11 +29,17 @@ def normal_alias(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def autograd_parameters(module: torch.nn.Module):
-    swapped = []
+def autograd_parameters(*modules: torch.nn.Module):
+    """Every inference-tensor parameter and buffer of `modules` (and their submodules, each once) aliased by a
+    normal tensor inside the block, the original objects put back afterwards. Give it every network the guided
+    call runs: the UNet and what the conditioning or the patches bring (control models, GLIGEN, adapters)."""
+    swapped, seen = [], set()
     try:
         with torch.inference_mode(False):
-            for m in module.modules():
+            for m in (sub for module in modules if module is not None for sub in module.modules()):
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
                 for name, p in list(m._parameters.items()):
                     if p is not None and p.is_inference():
                         m._parameters[name] = torch.nn.Parameter(normal_alias(p), requires_grad=False)
@@ -41,7 +48,7 @@ def autograd_parameters(module: torch.nn.Module):
                     if b is not None and b.is_inference():
                         m._buffers[name] = normal_alias(b)
                         swapped.append((m._buffers, name, b))
-        yield module
+        yield modules[0] if len(modules) == 1 else modules
     finally:
         for table, name, original in reversed(swapped):
             table[name] = original

@@ -86,12 +86,34 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
     return x_new.detach(), float(loss.detach())
 
 
+def xa_guidance_pair(x: torch.Tensor, sigma, denoise_pair, reference_maps: dict, step: int, lam: float,
+                     sites=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The code form's two guided halves in one batched UNet call (what the official code's batched pass does):
+    x_u and x_c start at x, the caption half (cond index 0) is pulled toward its own reference maps, the edited
+    half (cond index 1) toward the same maps, each by (1/2) of its loss; one backward pass gives both gradients
+    (the rows do not interact). Returns (x_u, x_c, the edited half's loss before the step)."""
+    store = MapStore(sites=sites, conds=(0, 1), keep_graph=True, max_steps=1)
+    with torch.inference_mode(False), torch.enable_grad():
+        xu = x.detach().clone().requires_grad_(True)
+        xc = x.detach().clone().requires_grad_(True)
+        denoise_pair(xu, xc, sigma, AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None))
+        maps = store.step(step)
+        halves = [cross_attention_loss({(site, 0): m for (site, c), m in maps.items() if c == b}, reference_maps)
+                  for b in (0, 1)]
+        loss = 0.5 * (halves[0] + halves[1])
+        gu, gc = torch.autograd.grad(loss, [xu, xc])
+    s = append_dims(1 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2, x.ndim)
+    return ((x - lam * s * gu.to(x.dtype)).detach(), (x - lam * s * gc.to(x.dtype)).detach(),
+            0.5 * float(halves[1].detach()))
+
+
 def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: DenoiseWithCall,
                         denoise_edit: DenoiseWithCall, denoise_cfg: Denoise, lam: float = 0.1, sites=None,
                         map_dtype: torch.dtype = torch.float32, callback: Optional[Callable[[dict], None]] = None,
                         stats: Optional[dict] = None, check_loss: bool = False,
                         contrastive: Optional[Contrastive] = None, form: str = "code",
-                        combine: Optional[Callable] = None, sigma_floor: Optional[float] = None) -> torch.Tensor:
+                        combine: Optional[Callable] = None, sigma_floor: Optional[float] = None,
+                        denoise_pair: Optional[Callable] = None) -> torch.Tensor:
     """Implements pix2pix-zero's edit pass from an inverted x_T over descending sigmas.
 
     denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral; in the code form also the guided
@@ -99,7 +121,10 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     prediction (single form and lambda = 0); combine(x_u, d_u, x_c, d_c, sigma) -> the CFG prediction at x_u of
     eps_u = (x_u - d_u)/sigma and eps_c = (x_c - d_c)/sigma mixed in eps space (code form). `stats` (optional
     dict) receives the per-step losses and the reference store's peak number of steps held; `check_loss` also
-    records the loss after each step's update (one more UNet call per step, for tests). A schedule ending at the
+    records the loss after each step's update (one more UNet call per step, for tests). denoise_pair(x_u, x_c,
+    sigma, call) -> (d_u, d_c) (optional): the caption prediction at x_u and the edited one at x_c in one batched
+    UNet call (cond indices 0 and 1 for `call`); the code form then guides both halves in one pass and
+    re-evaluates them in one call (same result, fewer calls; without it, one call per half). A schedule ending at the
     model's sigma(0) (`sigma_floor`) returns diffusers' clean latent (guidance.ddim.finish).
     """
     if form not in FORMS:
@@ -110,7 +135,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     call_sites = frozenset(sites) if sites else None
     x_ref, x_edit = x, x
     losses, losses_after = [], []
-    step_bytes = 0
+    step_bytes, paired_steps = 0, 0
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         if lam != 0:
@@ -125,7 +150,12 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                 denoised = denoise_cfg(x_edit, sigma)
             else:
                 ids = {} if contrastive is not None else None          # one set of patch locations per step
-                if x_edit is x_ref and contrastive is None:
+                paired = denoise_pair is not None and contrastive is None and x_edit is not x_ref
+                if paired:
+                    paired_steps += 1
+                    x_u, x_c, loss = xa_guidance_pair(x_edit, sigma, denoise_pair, ref_maps, i, lam, sites)
+                    d_u, d_c = denoise_pair(x_u, x_c, sigma, None)
+                elif x_edit is x_ref and contrastive is None:
                     # the first step: the caption half sits on the reference itself, its maps are M_ref, its loss
                     # and gradient are zero, so x_u = x and eps_u is the reference's (saves a forward + backward
                     # and a forward; the official code computes the zero anyway)
@@ -134,11 +164,15 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                     x_u, _ = xa_guidance_step(x_edit, sigma, denoise_ref, ref_maps, i, lam, sites, contrastive,
                                               feats, weight=0.5, patch_ids=ids)
                     d_u = None
-                x_c, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
-                                             feats, weight=0.5, patch_ids=ids)
-                if d_u is None:
-                    d_u = denoise_ref(x_u, sigma, None)
-                d_c = denoise_edit(x_c, sigma, None)
+                if not paired:
+                    x_c, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
+                                                 feats, weight=0.5, patch_ids=ids)
+                    if d_u is None and denoise_pair is not None:
+                        d_u, d_c = denoise_pair(x_u, x_c, sigma, None)
+                    else:
+                        if d_u is None:
+                            d_u = denoise_ref(x_u, sigma, None)
+                        d_c = denoise_edit(x_c, sigma, None)
                 denoised = combine(x_u, d_u, x_c, d_c, sigma)
                 x_edit = x_u
             losses.append(loss)
@@ -162,5 +196,6 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             x_edit = ddim_step(denoised, eps_from_denoised(x_edit, sigma, denoised), sigma, sigma_next)
     if stats is not None:
         stats.update(losses=losses, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps,
-                     ref_step_bytes=step_bytes, steps=len(sigmas) - 1, form=form)
+                     ref_step_bytes=step_bytes, steps=len(sigmas) - 1, form=form,
+                     paired_steps=paired_steps)
     return finish(x_edit, sigmas, sigma_floor)

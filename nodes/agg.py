@@ -12,6 +12,7 @@ from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, per_row, seeded_noise_sampler
+from ._compose import guard_inplace, guided_networks
 from ._host import Z2IInputError, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -36,7 +37,8 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     rows = per_row(model)          # each image evaluated as alone (guidance.ddim.per_row)
     with ExitStack() as stack:
         if weight != 0 or style is not None:
-            stack.enter_context(autograd_parameters(base.diffusion_model))
+            stack.enter_context(autograd_parameters(*guided_networks(model, extra_args)))
+            extra_args = {**extra_args, "model_options": guard_inplace(extra_args.get("model_options", {}))}
         extra_loss = _style_loss(stack, style, base, traj, x, extra_args.get("seed")) if style else None
         for i in range(n):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -12,6 +12,7 @@ from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import model_sigma_floor
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
+from ._compose import guard_inplace, guided_networks
 from ._host import Z2IInputError, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
@@ -36,8 +37,7 @@ class GuidedCalls:
         self.sites = cross_attention_sites(self.unet)
         if not self.sites:
             raise Z2IInputError(node, "model", "this UNet has no cross-attention layers", "use an SD1.x/SD2.x/SDXL model")
-        mo = dict(extra_args.get("model_options", {}))
-        mo["transformer_options"] = dict(mo.get("transformer_options", {}))
+        mo = guard_inplace(extra_args.get("model_options", {}))     # other patches survive the backward pass
         for s in self.sites:
             mo = comfy.model_patcher.set_model_options_patch_replace(mo, attn2_replace, "attn2", s.block, s.id, s.index)
             if self_attention and s.block == "output":
@@ -66,6 +66,44 @@ class GuidedCalls:
             def one(xr):
                 return comfy.samplers.calc_cond_batch(self.base, [conds], xr, sigma * xr.new_ones([xr.shape[0]]), mo)[0]
             return self.by_rows(one, x)
+
+        return run
+
+    def denoise_pair(self, first: str = "negative", second: str = "positive"):
+        """run(x_a, x_b, sigma, call) -> (D_first(x_a), D_second(x_b)) in one batched UNet call (cond indices 0
+        and 1 for `call`): core's calc_cond_batch batches the two conditionings as for CFG and a
+        model_function_wrapper (chained to any the graph has) puts each conditioning's own latent into its rows.
+        None when a conditioning crops or conditions on the input before that wrapper sees it (area conds,
+        control models): then each half runs as its own call."""
+        conds = [self.conds(first), self.conds(second)]
+        if any(c is None or any("area" in e or "control" in e or "default" in e for e in c) for c in conds):
+            return None
+        prev = self.patched.get("model_function_wrapper")
+
+        def one(xa, xb, sigma, call):
+            rows = (xa, xb)
+
+            def wrapper(apply_model, args):
+                cou = list(args["cond_or_uncond"])
+                inp = args["input"]
+                if inp.shape[0] != len(cou) * xa.shape[0]:
+                    raise RuntimeError("z2i: unexpected batch layout in a paired call")
+                args = {**args, "input": torch.cat([rows[i].to(inp) for i in cou])}
+                if prev is not None:
+                    return prev(apply_model, args)
+                return apply_model(args["input"], args["timestep"], **args["c"])
+
+            mo = {**self.patched, "model_function_wrapper": wrapper}
+            if call is not None:
+                mo["transformer_options"] = {**self.patched["transformer_options"], CALL_KEY: call}
+            out = comfy.samplers.calc_cond_batch(self.base, conds, xa, sigma * xa.new_ones([xa.shape[0]]), mo)
+            return out[0], out[1]
+
+        def run(xa, xb, sigma, call: AttentionCall = None):
+            if not self.rowwise or xa.shape[0] == 1:
+                return one(xa, xb, sigma, call)
+            outs = [one(xa[i:i + 1], xb[i:i + 1], sigma, call) for i in range(xa.shape[0])]
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
         return run
 
@@ -104,7 +142,8 @@ FORM_TOOLTIP = ("'both halves (official code)': as the authors' code and diffuse
 
 
 def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_guidance=0.1, layers="",
-             map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code"):
+             map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code",
+             pair=True):
     node = node or P2PZ
     calls = GuidedCalls(model, extra_args or {}, node, rowwise=True)
     if not calls.conds("negative"):
@@ -123,10 +162,11 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
     run = lambda: sample_pix2pix_zero(  # noqa: E731
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
         sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
-        contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model))
+        contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model),
+        denoise_pair=calls.denoise_pair() if pair else None)
     if xa_guidance == 0:
         return run()
-    with autograd_parameters(calls.unet):
+    with autograd_parameters(*guided_networks(model, extra_args or {})):
         return run()
 
 

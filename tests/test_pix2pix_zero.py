@@ -157,3 +157,18 @@ def test_zerocon_bad_feature_layer_is_named(host, checkpoints):
     bad = {"class_type": ZEROCON["class_type"], "inputs": {**ZEROCON["inputs"], "feature_layers": "output.99.0"}}
     with pytest.raises(PromptFailed, match=r"pix2pix-zeroCon Sampler: input 'feature_layers'"):
         host.run_prompt(graph(checkpoints["sd15"], 0.0, sampler=bad), targets=["s"])
+
+
+def test_paired_halves_equal_one_call_per_half(host, checkpoints):
+    """The code form batches its two guided halves (and their re-evaluation) into one UNet call; the result is
+    what one call per half gives (the rows do not interact; only the kernels' batch partition differs)."""
+    p = graph(checkpoints["sd15"], 0.1, steps=6)
+    a, sa = run_sampler_with_stats(host, p, "edit", "pos", 5.0, pair=True)
+    b, sb = run_sampler_with_stats(host, p, "edit", "pos", 5.0, pair=False)
+    assert sa["paired_steps"] == 5 and sb["paired_steps"] == 0      # every step after the first
+    rel = float((a - b).abs().max() / b.std())
+    print("paired vs separate", rel)
+    assert rel < 1e-4, rel
+    assert max(abs(x - y) / abs(y) for x, y in zip(sa["losses"], sb["losses"])) < 1e-4
+    off = host.run_prompt(graph(checkpoints["sd15"], 0.0, steps=6), targets=["s"]).output("s", 0)["samples"]
+    assert float((a - off).abs().max() / off.std()) > 1e-2     # and the guidance acts

@@ -101,6 +101,11 @@ for k in "${kinds[@]}"; do
   ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
 done
 
+# A tiny random ControlNet matching the tiny SD1.5 UNet, for the composition tests (tools/make_tiny_controlnet.py).
+mkdir -p "$host/models/controlnet"
+PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_controlnet.py \
+  "$host/models/controlnet" --comfyui "$host" >/dev/null 2>&1 || { say "building the tiny ControlNet failed"; exit 1; }
+
 # A tiny random open_clip model for the CLIP losses (AGG style loss, Asyrp training) in tests and workflows.
 mkdir -p "$host/models/open_clip"
 "$python" tools/make_tiny_open_clip.py "$host/models/open_clip" >/dev/null

@@ -1,0 +1,114 @@
+"""Gradient-guided UNet calls inside the graphs artists build: ControlNet / T2I-Adapter / GLIGEN in the
+conditioning, other packs' model patches in the model options.
+
+Two things break a backward pass through a ComfyUI UNet call that plain sampling never notices:
+- Networks other than the UNet run inside the call (control models chained in the conditioning, GLIGEN's
+  position net, modules that a model patch carries), and their weights were loaded under inference mode, so
+  they "cannot be saved for backward". `guided_networks` finds them; guidance.autograd.autograd_parameters
+  aliases them for the guided run exactly as it does the UNet's (no copy, originals restored afterwards).
+- Core and other packs write into activations in place: core's apply_control adds control residuals into the
+  skip tensors (`h += ctrl`) after the next input block saved them for backward; FreeU_V2 scales `h[:, :C/2]`
+  in place after saving it. `guard_inplace` returns a copy of the model options in which (a) a first
+  `input_block_patch_after_skip` hands the next input block a clone of h, so the tensor kept for the skip
+  connection is no longer one the backward pass needs, and (b) every foreign patch function runs, when
+  gradients are on, under a saved-tensors hook that stores copies of what it saves for backward (parameters
+  excepted), so its own in-place writes cannot invalidate them. Values are unchanged (tests compare guarded
+  and plain calls); nothing is cloned when gradients are off, so unguided calls cost nothing more.
+Neither touches the MODEL or the conditioning: both act on the per-run objects a sampler already holds.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention_patches.controller import attn1_replace, attn2_replace
+from ..attention_patches.features import attn1_output_capture
+
+_OWN = (attn1_replace, attn2_replace, attn1_output_capture)     # Z2I's own patches save maps it needs as they are
+GUARDED = "_z2i_inplace_guarded"
+
+
+def guided_networks(model, extra_args: dict) -> list:
+    """The UNet and every other network a UNet call of this sampling run may execute, for autograd_parameters.
+
+    `model` is what core hands a KSAMPLER function (its inner_model is the guider holding the processed conds,
+    whose inner_model is the BaseModel)."""
+    guider = model.inner_model
+    nets = [guider.inner_model.diffusion_model]
+    for conds in (getattr(guider, "conds", None) or {}).values():
+        for c in conds or []:
+            ctrl, seen = c.get("control"), set()
+            while ctrl is not None and id(ctrl) not in seen:      # a chain of ControlNets / adapters
+                seen.add(id(ctrl))
+                for attr in ("control_model", "t2i_model"):
+                    m = getattr(ctrl, attr, None)
+                    if isinstance(m, torch.nn.Module):
+                        nets.append(m)
+                ctrl = getattr(ctrl, "previous_controlnet", None)
+            gligen = c.get("gligen")
+            if gligen is not None and len(gligen) > 1:
+                m = getattr(gligen[1], "model", None)
+                if isinstance(m, torch.nn.Module):
+                    nets.append(m)
+    to = (extra_args.get("model_options") or {}).get("transformer_options") or {}
+    for fn in _patch_functions(to):
+        if isinstance(fn, torch.nn.Module):
+            nets.append(fn)
+        else:
+            nets.extend(v for v in getattr(fn, "__dict__", {}).values() if isinstance(v, torch.nn.Module))
+    return nets
+
+
+def _patch_functions(to: dict):
+    for fns in (to.get("patches") or {}).values():
+        yield from fns
+    for table in (to.get("patches_replace") or {}).values():
+        yield from table.values()
+
+
+def _pack(t: torch.Tensor):
+    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+
+
+def _unpack(t):
+    return t
+
+
+def guard(fn):
+    """fn (a patch function) run under a saved-tensors hook that stores copies when gradients are on."""
+    if getattr(fn, GUARDED, False) or fn in _OWN:
+        return fn
+
+    def guarded(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            return fn(*args, **kwargs)
+
+    setattr(guarded, GUARDED, True)
+    guarded.__wrapped__ = fn
+    return guarded
+
+
+def fresh_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    """input_block_patch_after_skip: the next block gets a clone when gradients flow (see the module doc)."""
+    return h.clone() if torch.is_grad_enabled() and h.requires_grad else h
+
+
+setattr(fresh_skip, GUARDED, True)
+
+
+def guard_inplace(model_options: dict) -> dict:
+    """A copy of `model_options` whose foreign patches cannot break a backward pass (module docstring). Apply
+    it before adding Z2I's own patches (they need no guard and their saved maps should not be copied)."""
+    mo = dict(model_options or {})
+    to = dict(mo.get("transformer_options") or {})
+    patches = {name: [guard(fn) for fn in fns] for name, fns in (to.get("patches") or {}).items()}
+    after = patches.get("input_block_patch_after_skip", [])
+    if fresh_skip not in after:
+        patches["input_block_patch_after_skip"] = [fresh_skip, *after]
+    to["patches"] = patches
+    if to.get("patches_replace"):
+        to["patches_replace"] = {name: {key: guard(fn) for key, fn in table.items()}
+                                 for name, table in to["patches_replace"].items()}
+    mo["transformer_options"] = to
+    return mo

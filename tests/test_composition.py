@@ -1,0 +1,165 @@
+"""Composition: every Z2I method inside the graphs artists build (issue 14's table), in the real host.
+
+Each cell splices one more core node into a method's graph (tiny SD1.5, 64 px, 4 steps) and checks that
+- the graph runs and a rerun of the sampler is bit-identical,
+- the spliced node still changes the result (it is not bypassed),
+- the Z2I method still changes the result (guidance off vs on).
+The tiny ControlNet is made by tools/setup.sh (tools/make_tiny_controlnet.py).
+"""
+import copy
+
+import pytest
+import torch
+
+from z2i.tests import test_agg_nodes, test_asyrp_nodes, test_csg_nodes, test_pix2pix_zero
+
+pytestmark = pytest.mark.host
+
+CONTROLNET = "z2i-tiny-controlnet-sd15.safetensors"
+
+
+def _p2p(ckpt):
+    return test_pix2pix_zero.graph(ckpt, 0.1)
+
+
+def _zerocon(ckpt):
+    return test_pix2pix_zero.graph(ckpt, 0.1, sampler=copy.deepcopy(test_pix2pix_zero.ZEROCON))
+
+
+METHODS = {
+    # name: (graph, the sampler input that switches the method off, its "off" value)
+    "pix2pix-zero": (_p2p, "xa_guidance", 0.0),
+    "zeroCon": (_zerocon, "lambda_step", 0.0),
+    "AGG": (lambda ckpt: test_agg_nodes.graph(ckpt, weight=1.0), "lambda_reg", 0.0),
+    "CSG": (lambda ckpt: test_csg_nodes.graph(ckpt), "lambda_pre", 0.0),
+    "Asyrp": (lambda ckpt: test_asyrp_nodes.graph(ckpt, scale=1.0), "scale", 0.0),
+}
+
+
+def _model_input(p):
+    return p["s"]["inputs"]["model"]
+
+
+def splice_controlnet(p, chained=False):
+    s = p["s"]["inputs"]
+    p["cn_loader"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": CONTROLNET}}
+    p["cn"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": s["positive"], "negative": s["negative"], "control_net": ["cn_loader", 0], "image": ["scale", 0],
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    last = "cn"
+    if chained:
+        p["cn_flip"] = {"class_type": "ImageFlip", "inputs": {"image": ["scale", 0],
+                                                              "flip_method": "y-axis: horizontally"}}
+        p["cn2"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+            "positive": ["cn", 0], "negative": ["cn", 1], "control_net": ["cn_loader", 0], "image": ["cn_flip", 0],
+            "strength": 0.7, "start_percent": 0.0, "end_percent": 1.0}}
+        last = "cn2"
+    s["positive"], s["negative"] = [last, 0], [last, 1]
+    return p
+
+
+def freeu_v2(model):
+    """Core's FreeU_V2 patch on `model`. FreeU scales the blocks whose width is 4x and 2x model_channels; the
+    tiny UNet is 320 wide at every level, so the patch is built as for a model_channels of 80 (its blocks then
+    match) -- core's own patch function, in-place writes included."""
+    from comfy_extras.nodes_freelunch import FreeU_V2
+
+    cfg = model.model.model_config.unet_config
+    saved = cfg["model_channels"]
+    cfg["model_channels"] = 80
+    try:
+        return FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+    finally:
+        cfg["model_channels"] = saved
+
+
+PATCHES = {
+    "ControlNet": splice_controlnet,
+    "two ControlNets chained": lambda p: splice_controlnet(p, chained=True),
+    "FreeU_V2": freeu_v2,            # a model patch: applied to the MODEL the sampler gets (see _samples)
+}
+GRAPH_PATCHES = ("ControlNet", "two ControlNets chained")
+
+
+def _samples(host, p, model_patch=None):
+    if model_patch is None:
+        return host.run_prompt(p, targets=["s"]).output("s", 0)["samples"]
+    # the graph up to the sampler, then core's sample_custom with the patched MODEL (what SamplerCustom does)
+    import comfy.sample
+    import comfy.samplers
+    s = p["s"]["inputs"]
+    targets = ["sampler", s["model"][0], s["positive"][0], s["negative"][0], s["latent_image"][0], s["sigmas"][0]]
+    res = host.run_prompt(p, targets=targets)
+    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
+    latent = out(s["latent_image"])["samples"]
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model_patch(out(s["model"])), torch.zeros_like(latent), s["cfg"],
+                                          out(["sampler", 0]), out(s["sigmas"]), out(s["positive"]),
+                                          out(s["negative"]), latent)
+
+
+def _at_128(build):
+    def sized(ckpt):
+        p = build(ckpt)
+        p["scale"]["inputs"].update(width=128, height=128)
+        return p
+    return sized
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.std())
+
+
+@pytest.mark.parametrize("patch", list(PATCHES))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_composes_with_patch(host, checkpoints, method, patch):
+    build, off_key, off_value = METHODS[method]
+    ckpt = checkpoints["sd15"]
+    graph_patch = patch in GRAPH_PATCHES
+    if patch == "FreeU_V2":       # FreeU normalises by each map's (max - min): a 1x1 deepest level (64 px) is 0/0
+        build = _at_128(build)
+    p = PATCHES[patch](build(ckpt)) if graph_patch else build(ckpt)
+    mp = None if graph_patch else PATCHES[patch]
+    on = _samples(host, p, mp)
+    assert torch.isfinite(on).all()
+    again = copy.deepcopy(p)
+    again["s"]["inputs"]["noise_seed"] = 1            # unused (add_noise off): re-executes only the sampler
+    assert torch.equal(_samples(host, again, mp), on), "rerun differs"
+    without_patch = _samples(host, build(ckpt))
+    assert _rel(on, without_patch) > 1e-3, f"{patch} has no effect under {method}"
+    off = copy.deepcopy(p)
+    off["sampler"]["inputs"][off_key] = off_value
+    assert _rel(on, _samples(host, off, mp)) > 1e-3, f"{method} has no effect with {patch}"
+
+
+def test_inplace_guard_keeps_values_and_gradients():
+    """The guard around a foreign patch (FreeU_V2-style in-place write after saving) gives the gradient of the
+    same function written out of place, and the values are unchanged."""
+    from z2i.nodes._compose import fresh_skip, guard
+
+    def freeu_like(h, hsp, to):
+        m = h.mean(1, keepdim=True)
+        h[:, :2] = h[:, :2] * (m + 1)
+        return h, hsp
+
+    def out_of_place(h):
+        m = h.mean(1, keepdim=True)
+        return torch.cat([h[:, :2] * (m + 1), h[:, 2:]], 1)
+
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref_out = out_of_place(x * 1)
+    ref, = torch.autograd.grad(ref_out.square().sum(), x)
+    with pytest.raises(RuntimeError, match="inplace"):
+        h, _ = freeu_like(x * 1, None, {})
+        torch.autograd.grad(h.square().sum(), x)
+    h, _ = guard(freeu_like)(x * 1, None, {})
+    got, = torch.autograd.grad(h.square().sum(), x)
+    assert torch.equal(h.detach(), ref_out.detach()) and torch.allclose(got, ref, rtol=1e-6, atol=0)
+    # the skip clone: a later in-place add into the kept skip tensor no longer breaks the next block's backward
+    h0 = x * 1
+    nxt = fresh_skip(h0, {})
+    y = torch.nn.functional.group_norm(nxt, 2)
+    h0 += 1.0                                   # core's apply_control on the skip tensor
+    torch.autograd.grad(y.square().sum(), x)
+    with torch.no_grad():
+        assert fresh_skip(h0, {}) is h0        # no copy without gradients
