@@ -15,6 +15,8 @@ Design (shared/design/style-by-example.md rules 4 and 9; comfyui-internals.md se
 """
 from __future__ import annotations
 
+import functools
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -22,7 +24,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .probs import apply_probs, attention_probs, split_heads
+from .probs import apply_probs, attention_probs, match_tokens, split_heads
 from .sites import Site
 
 CALL_KEY = "z2i_attention_call"            # the AttentionCall for cross-attention (attn2)
@@ -47,7 +49,8 @@ class AttentionCall:
     step: int
     controllers: Sequence[AttentionController]
     sites: Optional[frozenset] = None        # None = every site
-    latent_hw: Optional[tuple] = None        # (H, W) of the latent, filled from the first layer's options
+    latent_hw: Optional[tuple] = None        # (H, W) of the full latent; None = from the first layer's options.
+    # When set, a UNet sub-call on another spatial size (an area-conditioned crop) runs plain attention.
 
     def __deepcopy__(self, memo):           # ComfyUI 0.3.75 deep-copies model options: keep identity
         return self
@@ -185,6 +188,8 @@ class Mixup(AttentionController):
         src = src.to(probs)
         if self.token_map is not None:
             src = src[..., self.token_map.to(src.device)]
+        if src.shape[-1] != probs.shape[-1]:        # prompts of different lengths (probs.match_tokens)
+            src = match_tokens(src, probs.shape[-1], like=probs)
         if src.shape[0] != probs.shape[0]:
             src = src.expand(probs.shape[0], -1, -1, -1) if src.shape[0] == 1 else src[:probs.shape[0]]
         hw = call_hw(call, probs.shape[2])
@@ -222,15 +227,40 @@ def attn1_replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_optio
     return _controlled_attention(q, k, v, extra_options, SELF_CALL_KEY)
 
 
-def _controlled_attention(q, k, v, extra_options: dict, call_key: str) -> torch.Tensor:
+def attn2_over(inner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """attn2 replace installed over another pack's attn2 replace `inner` (e.g. IPAdapter's) at the same layer.
+
+    The rule: where Z2I only reads the maps (capture, pix2pix-zero/zeroCon guidance, masks, CSG's source pass),
+    the controllers see the maps computed from q and k in fp32 and `inner` produces the layer's output, in
+    guided and unguided calls alike. Where a controller rewrites the maps (CSG's mixup), the output must come
+    from the rewritten maps, so `inner` is not called at that layer for that call; a warning names the layer
+    (once per layer and call object)."""
+    return _controlled_attention(q, k, v, extra_options, CALL_KEY, inner)
+
+
+def over(existing):
+    """The attn2 replace to install at a layer whose current replace is `existing` (None: none)."""
+    if existing is None or existing is attn2_replace or (
+            isinstance(existing, functools.partial) and existing.func is attn2_over):
+        return attn2_replace if existing is None else existing
+    return functools.partial(attn2_over, existing)
+
+
+def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=None) -> torch.Tensor:
     heads = extra_options["n_heads"]
     call: Optional[AttentionCall] = extra_options.get(call_key)
     block = extra_options.get("block", ("?", -1))
     site = Site(block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+    plain = (lambda: inner(q, k, v, extra_options)) if inner is not None else (lambda: _sdpa(q, k, v, heads))
     if call is None or not call.controllers or (call.sites is not None and site not in call.sites):
-        return _sdpa(q, k, v, heads)
-    if call.latent_hw is None and "original_shape" in extra_options:
-        call.latent_hw = tuple(extra_options["original_shape"][-2:])
+        return plain()
+    shape = extra_options.get("original_shape")
+    if call.latent_hw is None and shape is not None:
+        call.latent_hw = tuple(shape[-2:])
+    elif shape is not None and tuple(shape[-2:]) != tuple(call.latent_hw):
+        # an area-conditioned crop (ConditioningSetArea): its maps cover a part of the image at another
+        # resolution, so controllers see only full-frame calls and the crop runs plain attention
+        return plain()
     probs = attention_probs(q, k, heads)
     cou = list(extra_options.get("cond_or_uncond") or [0])
     chunks = list(probs.chunk(len(cou))) if len(cou) > 1 else [probs]
@@ -243,4 +273,13 @@ def _controlled_attention(q, k, v, extra_options: dict, call_key: str) -> torch.
         chunks[ci] = chunk
     if changed:
         probs = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        if inner is not None and (id(call), site) not in _WARNED:
+            _WARNED.add((id(call), site))
+            logging.warning("Z2I: the cross-attention maps at %s are rewritten (CSG mixup), so another pack's "
+                            "attn2 replace patch on that layer is not applied in this call", site)
+    elif inner is not None:
+        return inner(q, k, v, extra_options)
     return apply_probs(probs, v, heads)
+
+
+_WARNED: set = set()

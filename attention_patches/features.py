@@ -22,6 +22,7 @@ class FeatureCall:
     keep_graph: bool = False
     conds: frozenset = frozenset({0})
     features: dict = field(default_factory=dict)     # (site, cond) -> (tensor [b, N, C], (h, w))
+    latent_hw: Optional[tuple] = None                 # set: sub-calls on another size (area crops) are skipped
 
     def __deepcopy__(self, memo):
         return self
@@ -34,6 +35,9 @@ def attn1_output_capture(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
     block = extra_options.get("block", ("?", -1))
     site = Site(block[0], int(block[1]), int(extra_options.get("block_index", 0)))
     if call.sites is not None and site not in call.sites:
+        return n
+    shape = extra_options.get("original_shape")
+    if call.latent_hw is not None and shape is not None and tuple(shape[-2:]) != tuple(call.latent_hw):
         return n
     hw = tuple(extra_options.get("activations_shape", [0, 0, 0, 0])[-2:])
     cou = list(extra_options.get("cond_or_uncond") or [0])

@@ -37,3 +37,35 @@ def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tenso
 def attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
     probs = attention_probs(q, k, heads)
     return apply_probs(probs, v, heads), probs
+
+
+def is_periodic(m: torch.Tensor, period: int, rtol: float = 1e-5) -> bool:
+    """Whether maps [..., Nk] repeat every `period` tokens: core pads a shorter prompt batched with a longer
+    one by repeating its context (which leaves attention's output unchanged), so its maps repeat, each copy
+    holding 1/r of a token's probability."""
+    n = m.shape[-1]
+    if period <= 0 or n % period or n == period:
+        return n == period
+    first = m[..., :period]
+    return all(torch.allclose(m[..., i:i + period], first, rtol=rtol, atol=1e-8) for i in range(period, n, period))
+
+
+def match_tokens(m: torch.Tensor, n: int, like: torch.Tensor = None) -> torch.Tensor:
+    """Maps [..., Nk] brought to n tokens, so maps of prompts of different lengths can be compared or mixed.
+
+    Longer (Nk > n): maps of a repeat-padded context fold back exactly (each token's copies summed); otherwise
+    the first n tokens are kept (the first 77-token chunk, where the shorter prompt's tokens are) and rows
+    renormalised. Shorter (Nk < n): when `like` (the maps they will be mixed with) is repeat-padded, each
+    token's probability is spread over its copies as core's padding does; otherwise zero-padded (the extra
+    tokens get no attention)."""
+    k = m.shape[-1]
+    if k == n:
+        return m
+    if k > n:
+        if is_periodic(m, n):
+            return m.reshape(*m.shape[:-1], k // n, n).sum(-2)
+        head = m[..., :n]
+        return head / head.sum(-1, keepdim=True).clamp_min(1e-12)
+    if like is not None and is_periodic(like, k):
+        return m.repeat(*([1] * (m.ndim - 1)), n // k) / (n // k)
+    return torch.nn.functional.pad(m, (0, n - k))

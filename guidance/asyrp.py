@@ -128,7 +128,8 @@ def step_scale(steps_trained: Optional[int], steps_now: int) -> float:
 
 def sample_asyrp(model_edit: Callable, model_orig: Callable, x: torch.Tensor, sigmas: torch.Tensor,
                  edit_steps: int, boost_from: int, seed: Optional[int] = None,
-                 callback: Optional[Callable[[dict], None]] = None, symmetric: bool = False) -> torch.Tensor:
+                 callback: Optional[Callable[[dict], None]] = None, symmetric: bool = False,
+                 keep: Optional[Callable] = None) -> torch.Tensor:
     """Implements Asyrp's Alg. 1 generation (Eq. 9). model_edit/model_orig(x, sigma) -> denoised, with and
     without delta_h. `symmetric=True` uses the edited prediction in both terms (for the Theorem 1 check)."""
     n = len(sigmas) - 1
@@ -151,6 +152,8 @@ def sample_asyrp(model_edit: Callable, model_orig: Callable, x: torch.Tensor, si
             x = ddim_step(x0, eps, sigma, sigma_next, eta=1.0, noise=noise_sampler(sigma, sigma_next))
         else:
             x = ddim_step(x0, eps, sigma, sigma_next)
+        if keep is not None:                  # inpainting (guidance.ddim.keep_outside)
+            x = keep(x, sigma_next)
     return x
 
 

@@ -99,13 +99,26 @@ def seeded_noise_sampler(x: torch.Tensor, seed: Optional[int]) -> NoiseSampler:
     return sample
 
 
+def keep_outside(mask: torch.Tensor, level: Callable[[float], torch.Tensor]) -> Callable:
+    """Inpainting from an inversion: keep(x, sigma) is x where `mask` is 1 (the sampler edits there) and the
+    source's inverted latent at level sigma (`level(sigma)`) where it is 0, so the kept region retraces the
+    inversion's trajectory and ends at its clean latent (the reconstruction), and the edited region sees that
+    context at every step. Samplers apply it after each step, at the level they stepped to."""
+    def keep(x: torch.Tensor, sigma) -> torch.Tensor:
+        m = mask.to(x)
+        return x * m + level(float(sigma)).to(x) * (1 - m)
+
+    return keep
+
+
 def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                 callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None,
-                eta: float = 0.0, noise_sampler: Optional[NoiseSampler] = None) -> torch.Tensor:
+                eta: float = 0.0, noise_sampler: Optional[NoiseSampler] = None,
+                keep: Optional[Callable] = None) -> torch.Tensor:
     """Implements DDIM sampling (arXiv:2010.02502, Eq. 12) over any descending sigma schedule.
 
     eta = 0 is deterministic; eta > 0 adds fresh noise drawn from `noise_sampler` (default: seeded with
-    extra_args["seed"], the noise seed ComfyUI's SamplerCustom passes).
+    extra_args["seed"], the noise seed ComfyUI's SamplerCustom passes). `keep` (keep_outside): inpainting.
     """
     extra_args = {} if extra_args is None else extra_args
     if eta > 0 and noise_sampler is None:
@@ -119,8 +132,10 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if float(sigma_next) == 0.0:
             x = denoised
-            continue
-        eps = eps_from_denoised(x, sigma, denoised)
-        noise = noise_sampler(sigma, sigma_next) if eta > 0 else None
-        x = ddim_step(denoised, eps, sigma, sigma_next, eta=eta, noise=noise)
+        else:
+            eps = eps_from_denoised(x, sigma, denoised)
+            noise = noise_sampler(sigma, sigma_next) if eta > 0 else None
+            x = ddim_step(denoised, eps, sigma, sigma_next, eta=eta, noise=noise)
+        if keep is not None:
+            x = keep(x, sigma_next)
     return finish(x, sigmas, floor)

@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..attention_patches.probs import match_tokens
+
 
 def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
     """pix2pix-zero L_xa (Eq. 5): squared L2 distance of the cross-attention maps, summed over query positions
@@ -14,14 +16,20 @@ def cross_attention_loss(edit: dict, reference: dict) -> torch.Tensor:
     over the batch gives each image the gradient it would get alone.
 
     `edit` and `reference` map a key (site, cond index) to maps [b, heads, Nq, Nk]; keys missing from the
-    reference are skipped. The reference is treated as a constant.
+    reference are skipped. The reference is treated as a constant. Maps over different token counts (prompts of
+    different lengths, batched by core with repeat padding) are compared on the shorter count
+    (attention_patches.probs.match_tokens: repeat padding folded back exactly, else the first chunk).
     """
     total = None
     for key, m_edit in edit.items():
         m_ref = reference.get(key)
         if m_ref is None:
             continue
-        d = (m_edit.float() - m_ref.detach().float().to(m_edit.device)).pow(2).sum(dim=(-2, -1)).mean(dim=-1).sum()
+        m_ref = m_ref.detach()
+        if m_ref.shape[-1] != m_edit.shape[-1]:          # prompts of different lengths (probs.match_tokens)
+            n = min(m_ref.shape[-1], m_edit.shape[-1])
+            m_edit, m_ref = match_tokens(m_edit, n), match_tokens(m_ref, n)
+        d = (m_edit.float() - m_ref.float().to(m_edit.device)).pow(2).sum(dim=(-2, -1)).mean(dim=-1).sum()
         total = d if total is None else total + d
     if total is None:
         raise ValueError("no cross-attention maps in common between the edit and the reference pass")

@@ -64,10 +64,11 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
     """One pix2pix-zero (or zeroCon) gradient step on the latent against the loss of `denoise_edit`'s maps
     (times `weight`). Returns (updated x, loss before the step)."""
     store = MapStore(sites=sites, conds=(0,), keep_graph=True, max_steps=1)
-    feats = FeatureCall(sites=contrastive.sites, keep_graph=True) if contrastive is not None else None
+    feats = FeatureCall(sites=contrastive.sites, keep_graph=True, latent_hw=tuple(x.shape[-2:])) \
+        if contrastive is not None else None
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
-        call = AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None)
+        call = AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None, tuple(x.shape[-2:]))
         if feats is None:
             denoise_edit(xg, sigma, call)
             loss = cross_attention_loss(store.step(step), reference_maps)
@@ -96,7 +97,8 @@ def xa_guidance_pair(x: torch.Tensor, sigma, denoise_pair, reference_maps: dict,
     with torch.inference_mode(False), torch.enable_grad():
         xu = x.detach().clone().requires_grad_(True)
         xc = x.detach().clone().requires_grad_(True)
-        denoise_pair(xu, xc, sigma, AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None))
+        denoise_pair(xu, xc, sigma, AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None,
+                                                  tuple(x.shape[-2:])))
         maps = store.step(step)
         halves = [cross_attention_loss({(site, 0): m for (site, c), m in maps.items() if c == b}, reference_maps)
                   for b in (0, 1)]
@@ -113,7 +115,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                         stats: Optional[dict] = None, check_loss: bool = False,
                         contrastive: Optional[Contrastive] = None, form: str = "code",
                         combine: Optional[Callable] = None, sigma_floor: Optional[float] = None,
-                        denoise_pair: Optional[Callable] = None) -> torch.Tensor:
+                        denoise_pair: Optional[Callable] = None, keep: Optional[Callable] = None) -> torch.Tensor:
     """Implements pix2pix-zero's edit pass from an inverted x_T over descending sigmas.
 
     denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral; in the code form also the guided
@@ -125,7 +127,8 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     sigma, call) -> (d_u, d_c) (optional): the caption prediction at x_u and the edited one at x_c in one batched
     UNet call (cond indices 0 and 1 for `call`); the code form then guides both halves in one pass and
     re-evaluates them in one call (same result, fewer calls; without it, one call per half). A schedule ending at the
-    model's sigma(0) (`sigma_floor`) returns diffusers' clean latent (guidance.ddim.finish).
+    model's sigma(0) (`sigma_floor`) returns diffusers' clean latent (guidance.ddim.finish). `keep`
+    (guidance.ddim.keep_outside): inpainting, applied to the edit and the reference after every step.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -139,8 +142,9 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         if lam != 0:
-            ref_feats = FeatureCall(sites=contrastive.sites) if contrastive is not None else None
-            ref_call = AttentionCall(i, [Capture(ref_store)], call_sites)
+            ref_feats = FeatureCall(sites=contrastive.sites, latent_hw=tuple(x.shape[-2:])) \
+                if contrastive is not None else None
+            ref_call = AttentionCall(i, [Capture(ref_store)], call_sites, tuple(x.shape[-2:]))
             d_ref = denoise_ref(x_ref, sigma, ref_call) if ref_feats is None else \
                 denoise_ref(x_ref, sigma, ref_call, feature_call=ref_feats)
             ref_maps, feats = ref_store.step(i), (ref_feats.features if ref_feats is not None else None)
@@ -179,13 +183,15 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             if check_loss:
                 probe = MapStore(sites=sites, conds=(0,), max_steps=1)
                 x_probe = x_c if form == "code" else x_edit
-                denoise_edit(x_probe, sigma, AttentionCall(i, [Capture(probe)], call_sites))
+                denoise_edit(x_probe, sigma, AttentionCall(i, [Capture(probe)], call_sites, tuple(x.shape[-2:])))
                 after = cross_attention_loss(probe.step(i), ref_maps)
                 losses_after.append(float(after) * (0.5 if form == "code" else 1.0))
             step_bytes = max(step_bytes, ref_store.nbytes())
             ref_store.drop(i)
             x_ref = ddim_step(d_ref, eps_from_denoised(x_ref, sigma, d_ref), sigma, sigma_next) \
                 if float(sigma_next) > 0 else d_ref
+            if keep is not None:
+                x_ref = keep(x_ref, sigma_next)
         else:
             denoised = denoise_cfg(x_edit, sigma)
         if callback is not None:
@@ -194,6 +200,8 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             x_edit = denoised
         else:
             x_edit = ddim_step(denoised, eps_from_denoised(x_edit, sigma, denoised), sigma, sigma_next)
+        if keep is not None:
+            x_edit = keep(x_edit, sigma_next)
     if stats is not None:
         stats.update(losses=losses, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps,
                      ref_step_bytes=step_bytes, steps=len(sigmas) - 1, form=form,

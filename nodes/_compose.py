@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention_patches.controller import attn1_replace, attn2_replace
+from ..attention_patches.controller import attn1_replace, attn2_replace, over
 from ..attention_patches.features import attn1_output_capture
 
 _OWN = (attn1_replace, attn2_replace, attn1_output_capture)     # Z2I's own patches save maps it needs as they are
@@ -75,7 +75,7 @@ def _unpack(t):
 
 def guard(fn):
     """fn (a patch function) run under a saved-tensors hook that stores copies when gradients are on."""
-    if getattr(fn, GUARDED, False) or fn in _OWN:
+    if getattr(fn, GUARDED, False) or fn in _OWN or over(fn) is fn:
         return fn
 
     def guarded(*args, **kwargs):
@@ -112,3 +112,65 @@ def guard_inplace(model_options: dict) -> dict:
                                  for name, table in to["patches_replace"].items()}
     mo["transformer_options"] = to
     return mo
+
+
+def attn2_at(model_options: dict, site):
+    """The attn2 replace function installed at a cross-attention site in these model options (core looks up
+    (block, id, index) first, then (block, id)), or None."""
+    table = ((model_options or {}).get("transformer_options") or {}).get("patches_replace", {}).get("attn2", {})
+    return table.get((site.block, site.id, site.index), table.get((site.block, site.id)))
+
+
+def with_z2i_attn2(model_options: dict, sites) -> dict:
+    """A copy of model options with Z2I's controlled attention at every site, composed over any other pack's
+    attn2 replace found there (attention_patches.controller.over: the foreign function keeps producing the
+    layer's output wherever Z2I only reads maps)."""
+    import comfy.model_patcher
+
+    mo = dict(model_options or {})
+    mo["transformer_options"] = dict(mo.get("transformer_options") or {})
+    for s in sites:
+        mo = comfy.model_patcher.set_model_options_patch_replace(mo, over(attn2_at(mo, s)), "attn2", s.block, s.id,
+                                                                 s.index)
+    return mo
+
+
+def foreign_attn2_sites(model_options: dict, sites) -> list:
+    """Sites whose attn2 replace is not Z2I's (another pack replaced it after Z2I installed its patch)."""
+    out = []
+    for s in sites:
+        fn = attn2_at(model_options, s)
+        if fn is not None and over(fn) is not fn:
+            out.append(s)
+    return out
+
+
+def inpainting(extra_args: dict, inversion, node: str):
+    """(extra_args for the sampler's model calls, keep or None) for a latent with a noise mask (SetLatentNoiseMask;
+    the inversion carries the mask to its output): core's inpainting wrapper would pin the region outside the
+    mask to the sampler's latent_image, which is the inverted noise here, so Z2I samplers take the mask out of
+    the model calls and keep that region on the inversion's own trajectory instead (guidance.ddim.keep_outside):
+    the result there is the inversion's reconstruction of the source."""
+    from ..guidance.ddim import keep_outside
+    from ._host import Z2IInputError
+
+    mask = (extra_args or {}).get("denoise_mask")
+    if mask is None:
+        return extra_args, None
+    if inversion is None:
+        raise Z2IInputError(node, "inversion", "the latent has a noise mask (inpainting) but no inversion is "
+                            "connected", "connect DDIM Inversion's INVERSION output to this sampler node, so the "
+                            "region outside the mask keeps the source image")
+    traj = inversion.trajectory
+
+    def level(sigma: float):
+        try:
+            return traj.latents[traj.index_of_sigma(sigma)]
+        except KeyError:
+            raise Z2IInputError(node, "sigmas (of the sampler node)", f"sigma {sigma:.4g} is not on the "
+                                "inversion's schedule", "connect DDIM Inversion's 'sigmas' output") from None
+
+    if tuple(traj.latents.shape[-2:]) != tuple(mask.shape[-2:]):
+        raise Z2IInputError(node, "inversion", f"it inverted a {tuple(traj.latents.shape[-2:])} latent, the masked "
+                            f"latent is {tuple(mask.shape[-2:])}", "connect the inversion of the image you sample")
+    return {**extra_args, "denoise_mask": None}, keep_outside(mask, level)

@@ -12,7 +12,7 @@ from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, per_row, seeded_noise_sampler
-from ._compose import guard_inplace, guided_networks
+from ._compose import guard_inplace, guided_networks, inpainting
 from ._host import Z2IInputError, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -23,7 +23,7 @@ NODE = "Z2I AGG Sampler"
 def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, weight=0.1,
             dds_lr=0.01, dds_steps=10, guided_until=0.2, masked_until=0.8, object_mask=None, eta=0.0, stats=None,
             style=None):
-    extra_args = extra_args or {}
+    extra_args, keep = inpainting(extra_args or {}, inversion, NODE)     # noise mask: keep the source outside
     traj = inversion.trajectory
     n = len(sigmas) - 1
     e1, e2 = boundary(guided_until, n), boundary(masked_until, n)
@@ -57,7 +57,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                 dds_lr, dds_steps, mask if (mask is not None and i >= e1) else None, eta, noise, stats,
                 extra_loss if guided else None)
             cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
-            x = x_next
+            x = x_next if keep is None else keep(x_next, sigma_next)
     return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)
 
 

@@ -6,13 +6,15 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace, attn2_replace
+from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace
 from ..attention_patches.features import FEATURE_KEY, FeatureCall, attn1_output_capture
 from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import model_sigma_floor
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
-from ._compose import guard_inplace, guided_networks
+from ._compose import guard_inplace, guided_networks, inpainting, with_z2i_attn2
+from .sampling import INVERSION_TIP
+from .types import InversionType
 from ._host import Z2IInputError, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
@@ -38,8 +40,8 @@ class GuidedCalls:
         if not self.sites:
             raise Z2IInputError(node, "model", "this UNet has no cross-attention layers", "use an SD1.x/SD2.x/SDXL model")
         mo = guard_inplace(extra_args.get("model_options", {}))     # other patches survive the backward pass
+        mo = with_z2i_attn2(mo, self.sites)                         # composed over other packs' attn2 replaces
         for s in self.sites:
-            mo = comfy.model_patcher.set_model_options_patch_replace(mo, attn2_replace, "attn2", s.block, s.id, s.index)
             if self_attention and s.block == "output":
                 mo = comfy.model_patcher.set_model_options_patch_replace(mo, attn1_replace, "attn1", s.block, s.id,
                                                                          s.index)
@@ -143,8 +145,9 @@ FORM_TOOLTIP = ("'both halves (official code)': as the authors' code and diffuse
 
 def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_guidance=0.1, layers="",
              map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code",
-             pair=True):
+             pair=True, inversion=None):
     node = node or P2PZ
+    extra_args, keep = inpainting(extra_args or {}, inversion, node)
     calls = GuidedCalls(model, extra_args or {}, node, rowwise=True)
     if not calls.conds("negative"):
         raise Z2IInputError(node, "negative (of the sampler node)", "no negative conditioning",
@@ -163,7 +166,7 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
         sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
         contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model),
-        denoise_pair=calls.denoise_pair() if pair else None)
+        denoise_pair=calls.denoise_pair() if pair else None, keep=keep)
     if xa_guidance == 0:
         return run()
     with autograd_parameters(*guided_networks(model, extra_args or {})):
@@ -198,16 +201,18 @@ class Pix2PixZeroSampler(io.ComfyNode):
                                tooltip="Storage of the reference maps (one step at a time). fp16 halves it."),
                 io.Combo.Input("guidance_form", options=list(FORMS), default=next(iter(FORMS)), optional=True,
                                tooltip=FORM_TOOLTIP),
+                InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, xa_guidance, layers, map_precision, guidance_form=next(iter(FORMS))) -> io.NodeOutput:
+    def execute(cls, xa_guidance, layers, map_precision, guidance_form=next(iter(FORMS)),
+                inversion=None) -> io.NodeOutput:
         opts = {"xa_guidance": float(xa_guidance), "layers": layers,
                 "map_dtype": torch.float16 if map_precision == "fp16" else torch.float32,
-                "form": _form(P2PZ, guidance_form)}
+                "form": _form(P2PZ, guidance_form), "inversion": inversion}
         return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options=opts))
 
 
@@ -248,6 +253,7 @@ class Pix2PixZeroConSampler(io.ComfyNode):
                                 tooltip="Cross-attention layers in L_xa (as in the pix2pix-zero sampler)."),
                 io.Combo.Input("guidance_form", options=list(FORMS), default=next(iter(FORMS)), optional=True,
                                tooltip=FORM_TOOLTIP),
+                InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
@@ -255,12 +261,12 @@ class Pix2PixZeroConSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, lambda_step, lambda_c, lambda_e, feature_layers, n_patches, tau, seed, layers,
-                guidance_form=next(iter(FORMS))) -> io.NodeOutput:
+                guidance_form=next(iter(FORMS)), inversion=None) -> io.NodeOutput:
         spec = {"lambda_c": float(lambda_c), "lambda_e": float(lambda_e), "feature_layers": feature_layers,
                 "n_patches": int(n_patches), "tau": float(tau)}
         return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options={
             "xa_guidance": float(lambda_step), "layers": layers, "contrastive": (spec, int(seed)), "node": ZEROCON,
-            "form": _form(ZEROCON, guidance_form)}))
+            "form": _form(ZEROCON, guidance_form), "inversion": inversion}))
 
 
 def _form(node: str, value: str) -> str:

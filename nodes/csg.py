@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..attention_patches.controller import AttentionCall, Capture, MapStore, Mixup, attn2_replace
+from ..attention_patches.controller import AttentionCall, Capture, MapStore, Mixup, over
 from ..attention_patches.csg_mask import SelfAttentionMean, TokenMapMean, content_mask
 from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
 from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
+from ._compose import attn2_at, foreign_attn2_sites, inpainting, with_z2i_attn2
 from ._host import Z2IInputError, interruptible, unet_of
 from .attention import GuidedCalls
 from .types import InversionType
@@ -201,8 +202,8 @@ class CrossAttentionMixup(io.ComfyNode):
             src, tgt = _ids(clip, source_prompt), _ids(clip, target_prompt)
             token_map = align_tokens(src, tgt)
         m = model.clone()
-        for s in cross_attention_sites(unet):
-            m.set_model_attn2_replace(attn2_replace, s.block, s.id, s.index)
+        for s in cross_attention_sites(unet):       # over another pack's attn2 replace, if any (controller.over)
+            m.set_model_attn2_replace(over(attn2_at(m.model_options, s)), s.block, s.id, s.index)
         mask = background if background.ndim == 3 else background[None]
         m.model_options["transformer_options"][MIXUP_KEY] = MixupSpec(
             mask.float().clamp(0, 1).cpu(), token_map, float(strength), mask_normalisation != NORMALISE_NONE)
@@ -211,11 +212,18 @@ class CrossAttentionMixup(io.ComfyNode):
 
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
             lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True):
-    extra_args = extra_args or {}
+    extra_args, keep = inpainting(extra_args or {}, inversion, CSG_NODE)   # noise mask: keep the source outside
     spec = extra_args.get("model_options", {}).get("transformer_options", {}).get(MIXUP_KEY)
     traj = inversion.trajectory
     bg = F.interpolate(background[:, None].float(), size=x.shape[-2:], mode="area")[:, 0].to(x)
     steps = len(sigmas) - 1
+    if spec is not None:
+        # another pack replaced the mixup's attn2 patch after the mixup node: compose over it for this run
+        # (its function still runs where maps are only read; mixed layers warn) instead of dropping the mixup
+        mo = extra_args.get("model_options", {})
+        sites = cross_attention_sites(model.inner_model.inner_model.diffusion_model)
+        if foreign_attn2_sites(mo, sites):
+            extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, sites)}
     calls = GuidedCalls(model, extra_args, CSG_NODE) if spec is not None else None
     store = MapStore(conds=(0,), max_steps=1)
     source = calls.denoise_one("negative") if calls is not None else None
@@ -234,8 +242,9 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             raise Z2IInputError(CSG_NODE, "sigmas (of the sampler node)", f"sigma {float(sigma):.4g} is not on the "
                                 "inversion's schedule", "connect the DDIM Inversion 'sigmas' output") from None
         if spec is not None:
-            source(x_src, sigma, AttentionCall(i, [Capture(store)]))
-            denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix]))
+            hw = tuple(x.shape[-2:])       # full-frame calls only (area-conditioned crops run plain attention)
+            source(x_src, sigma, AttentionCall(i, [Capture(store)], latent_hw=hw))
+            denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix], latent_hw=hw))
             store.drop(i)
         else:
             denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
@@ -246,6 +255,8 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             x = denoised
         else:
             x = ddim_step(denoised, eps_from_denoised(x, sigma, denoised), sigma, sigma_next)
+        if keep is not None:
+            x = keep(x, sigma_next)
     return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)
 
 

@@ -24,6 +24,8 @@ from ._host import (Z2IInputError, check_latent, check_save_name, downsample_fac
                     listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
+from ._compose import inpainting
+from .sampling import INVERSION_TIP
 from .types import InversionType
 
 HDirectionType = io.Custom("Z2I_H_DIRECTION")
@@ -62,8 +64,8 @@ def with_hspace(model_options: dict, call: HCall | None = None) -> dict:
 
 
 def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, direction=None, scale=1.0,
-              edit_until=0.5, boost_from=1.0, unit="percent", stats=None):
-    extra_args = extra_args or {}
+              edit_until=0.5, boost_from=1.0, unit="percent", stats=None, inversion=None):
+    extra_args, keep = inpainting(extra_args or {}, inversion, ASYRP)
     middle_block_of(model.inner_model.model_patcher, ASYRP, "model (of the sampler node)")
     base = model.inner_model.inner_model
     ms = base.model_sampling
@@ -82,7 +84,7 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     model_edit = lambda xx, s: model(xx, s * s_in, **edit_args)  # noqa: E731
     model_orig = lambda xx, s: model(xx, s * s_in, **extra_args)  # noqa: E731
     out = sample_asyrp(model_edit, model_orig, x, sigmas, edit_steps if total != 0 else 0, boost,
-                       seed=extra_args.get("seed"), callback=interruptible(callback))
+                       seed=extra_args.get("seed"), callback=interruptible(callback), keep=keep)
     if stats is not None:
         stats.update(edit_steps=edit_steps, boost_from=boost, scale=total, deltas=call.seen)
     return finish(out, sigmas, model_sigma_floor(model))   # diffusers' clean latent when the schedule ends at sigma(0)
@@ -113,19 +115,20 @@ class AsyrpSampler(io.ComfyNode):
                 io.Float.Input("boost_from", default=1.0, min=0.0, max=1000.0, step=0.01,
                                tooltip="Start of eta=1 quality boosting: percent 1.0 (or timestep 0) = never. "
                                        "Boosting adds seeded noise (the sampler node's noise_seed)."),
+                InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, direction, scale, unit, edit_until, boost_from) -> io.NodeOutput:
+    def execute(cls, direction, scale, unit, edit_until, boost_from, inversion=None) -> io.NodeOutput:
         if unit == "percent" and (edit_until > 1 or boost_from > 1):
             raise Z2IInputError(ASYRP, "edit_until", f"percent boundaries must be 0..1 (got {edit_until}, "
                                 f"{boost_from})", "use fractions of the schedule, or switch unit to timestep")
         return io.NodeOutput(comfy.samplers.KSAMPLER(_asyrp_fn, extra_options={
             "direction": direction, "scale": float(scale), "edit_until": float(edit_until),
-            "boost_from": float(boost_from), "unit": unit}))
+            "boost_from": float(boost_from), "unit": unit, "inversion": inversion}))
 
 
 def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, out=None):

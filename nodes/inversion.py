@@ -132,7 +132,7 @@ class DDIMInversion(io.ComfyNode):
         noise = comfy.sample.sample_custom(
             model, torch.zeros_like(samples), cfg, sampler, ascending, positive, negative, samples,
             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(reg_seed))
-        out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
+        out = {k: v for k, v in latent.items() if k != "samples"}     # a noise_mask (inpainting) travels on
         out["samples"] = noise
         inversion = Inversion(trajectory=record[0], model=model_signature(model), positive=positive,
                               negative=negative, cfg=float(cfg), variant=VARIANTS[variant],

@@ -5,13 +5,19 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance.ddim import per_row, sample_ddim
+from ._compose import inpainting
 from ._host import interruptible
+from .types import InversionType
+
+NODE = "Z2I DDIM Sampler"
+INVERSION_TIP = ("Optional: DDIM Inversion's INVERSION. Needed only when the latent has a noise mask (inpainting): outside the mask the result then follows the inversion (the source image), inside it the sampler edits.")
 
 
-def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
+def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, inversion=None):
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
+    extra_args, keep = inpainting(extra_args or {}, inversion, NODE)
     return sample_ddim(per_row(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
-                       disable=disable, eta=eta)
+                       disable=disable, eta=eta, keep=keep)
 
 
 class DDIMSampler(io.ComfyNode):
@@ -33,13 +39,15 @@ class DDIMSampler(io.ComfyNode):
                     tooltip="Stochasticity of each step. 0 = deterministic DDIM (reconstructs inverted "
                             "latents); 1 = DDPM-like. Noise for eta > 0 comes from the sampler node's "
                             "noise_seed, so results are reproducible."),
+                InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
             outputs=[io.Sampler.Output(display_name="sampler")],
         )
 
     @classmethod
-    def execute(cls, eta: float) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_ddim_sampler_fn, extra_options={"eta": float(eta)}))
+    def execute(cls, eta: float, inversion=None) -> io.NodeOutput:
+        return io.NodeOutput(comfy.samplers.KSAMPLER(_ddim_sampler_fn, extra_options={"eta": float(eta),
+                                                                                     "inversion": inversion}))
 
 
 NODES = [DDIMSampler]

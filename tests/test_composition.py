@@ -73,12 +73,61 @@ def freeu_v2(model):
         cfg["model_channels"] = saved
 
 
+def splice_area(p):
+    """A regional prompt: the positive combined with a second prompt on the top-left quarter (128 px image)."""
+    s = p["s"]["inputs"]
+    p["hat"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red hat", "clip": ["ckpt", 1]}}
+    p["area"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["hat", 0], "width": 64,
+                                                                 "height": 64, "x": 0, "y": 0, "strength": 1.0}}
+    p["comb"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": s["positive"],
+                                                                 "conditioning_2": ["area", 0]}}
+    s["positive"] = ["comb", 0]
+    return p
+
+
+def splice_long_prompt(p):
+    """A positive of 154 tokens (core pads the 77-token negative by repeating it when it batches them)."""
+    s = p["s"]["inputs"]
+    p["long"] = {"class_type": "CLIPTextEncode", "inputs": {"text": ", ".join(["a detailed photo"] * 30),
+                                                            "clip": ["ckpt", 1]}}
+    p["concat"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": s["positive"],
+                                                                  "conditioning_from": ["long", 0]}}
+    s["positive"] = ["concat", 0]
+    return p
+
+
+FOREIGN_CALLS = {"plain": 0, "grad": 0}
+
+
+def stand_in_attn2(q, k, v, extra_options):
+    """Another pack's attn2 replace (as IPAdapter installs with set_model_attn2_replace): attention with a
+    recognisable effect (output x 1.5); counts its calls, with and without gradients."""
+    FOREIGN_CALLS["grad" if torch.is_grad_enabled() else "plain"] += 1
+    heads = extra_options["n_heads"]
+    b, n, hd = q.shape
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, hd // heads).transpose(1, 2)  # noqa: E731
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return 1.5 * out.transpose(1, 2).reshape(b, n, hd)
+
+
+def foreign_attn2(model):
+    from z2i.attention_patches.sites import cross_attention_sites
+    m = model.clone()
+    for s in cross_attention_sites(m.model.diffusion_model):
+        m.set_model_attn2_replace(stand_in_attn2, s.block, s.id, s.index)
+    return m
+
+
 PATCHES = {
+    "attn2 replace of another pack": foreign_attn2,
+    "regional prompt (ConditioningSetArea)": splice_area,
+    "prompts of different lengths": splice_long_prompt,
     "ControlNet": splice_controlnet,
     "two ControlNets chained": lambda p: splice_controlnet(p, chained=True),
     "FreeU_V2": freeu_v2,            # a model patch: applied to the MODEL the sampler gets (see _samples)
 }
-GRAPH_PATCHES = ("ControlNet", "two ControlNets chained")
+GRAPH_PATCHES = ("ControlNet", "two ControlNets chained", "regional prompt (ConditioningSetArea)",
+                 "prompts of different lengths")
 
 
 def _samples(host, p, model_patch=None):
@@ -116,12 +165,19 @@ def test_method_composes_with_patch(host, checkpoints, method, patch):
     build, off_key, off_value = METHODS[method]
     ckpt = checkpoints["sd15"]
     graph_patch = patch in GRAPH_PATCHES
-    if patch == "FreeU_V2":       # FreeU normalises by each map's (max - min): a 1x1 deepest level (64 px) is 0/0
+    if patch in ("FreeU_V2", "regional prompt (ConditioningSetArea)"):
+        # FreeU normalises by each map's (max - min): a 1x1 deepest level (64 px) is 0/0; core's smallest area is
+        # 64 px, so the regional prompt needs a larger image to cover only part of it
         build = _at_128(build)
     p = PATCHES[patch](build(ckpt)) if graph_patch else build(ckpt)
     mp = None if graph_patch else PATCHES[patch]
+    FOREIGN_CALLS.update(plain=0, grad=0)
     on = _samples(host, p, mp)
     assert torch.isfinite(on).all()
+    if patch == "attn2 replace of another pack":
+        assert FOREIGN_CALLS["plain"] > 0, "the other pack's attn2 patch never ran"
+        if method in ("pix2pix-zero", "zeroCon", "AGG"):        # gradient-guided: it runs in the guided pass too
+            assert FOREIGN_CALLS["grad"] > 0, "the other pack's attn2 patch was bypassed in the gradient pass"
     again = copy.deepcopy(p)
     again["s"]["inputs"]["noise_seed"] = 1            # unused (add_noise off): re-executes only the sampler
     assert torch.equal(_samples(host, again, mp), on), "rerun differs"
@@ -163,3 +219,44 @@ def test_inplace_guard_keeps_values_and_gradients():
     torch.autograd.grad(y.square().sum(), x)
     with torch.no_grad():
         assert fresh_skip(h0, {}) is h0        # no copy without gradients
+
+
+def with_noise_mask(p):
+    """SetLatentNoiseMask before the inversion: the left half of the image is edited, the right half kept."""
+    p["m_dst"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+    p["m_src"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+    p["m"] = {"class_type": "MaskComposite", "inputs": {"destination": ["m_dst", 0], "source": ["m_src", 0], "x": 0,
+                                                        "y": 0, "operation": "add"}}
+    p["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": p["inv"]["inputs"]["latent"],
+                                                                  "mask": ["m", 0]}}
+    p["inv"]["inputs"]["latent"] = ["masked", 0]
+    p["sampler"]["inputs"]["inversion"] = ["inv", 1]
+    return p
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_inpainting_keeps_the_source_outside_the_mask(host, checkpoints, method):
+    """The inversion carries the noise mask to SamplerCustom; outside the mask the result is the inversion's
+    reconstruction of the source (here exact: the trajectory ends at the clean latent), inside the method acts."""
+    build, off_key, off_value = METHODS[method]
+    p = with_noise_mask(build(checkpoints["sd15"]))
+    res = host.run_prompt(p, targets=["s", "enc"])
+    on, src = res.output("s", 0)["samples"], res.output("enc", 0)["samples"]
+    kept, edited = (slice(None), slice(None), slice(None), slice(4, None)), (Ellipsis, slice(0, 4))
+    assert _rel(on[kept], src[kept]) < 1e-5, "the region outside the mask is not the source"
+    assert _rel(on[edited], src[edited]) > 1e-2, "nothing happened inside the mask"
+    off = copy.deepcopy(p)
+    off["sampler"]["inputs"][off_key] = off_value
+    off_out = _samples(host, off)
+    assert _rel(on[edited], off_out[edited]) > 1e-3, f"{method} has no effect inside the mask"
+    assert torch.equal(on[kept], off_out[kept]) or _rel(on[kept], off_out[kept]) < 1e-5
+
+
+def test_inpainting_without_the_inversion_is_named(host, checkpoints):
+    from z2i.headless.host import PromptFailed
+    p = with_noise_mask(_p2p(checkpoints["sd15"]))
+    del p["sampler"]["inputs"]["inversion"]
+    with pytest.raises(PromptFailed) as e:
+        host.run_prompt(p, targets=["s"])
+    msg = str(e.value)
+    assert "pix2pix-zero Sampler" in msg and "'inversion'" in msg and "connect DDIM Inversion" in msg

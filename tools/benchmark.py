@@ -441,8 +441,9 @@ def peer_markdown(results: list, args) -> list[str]:
               "four, in a rotating order; x plain DDIM divides by plain sampling of the same size in the same run.",
               "- UNet rows / step count both phases over the step count: the pipeline's inversion adds 1 row, its edit "
               "6 (a reference pass, a guided pass with the backward pass and a recomputed pass, each on both CFG "
-              "halves); ours adds 1 and 5 in the official-code form (a reference row on the caption, two guided rows "
-              "each with its backward pass, and the two recomputed rows) or 4 in the single-latent form (a reference "
+              "halves); ours adds 1 and 5 in the official-code form (a reference row on the caption, the two guided "
+              "rows in one batched call with one backward pass, and the two recomputed rows in one batched call; "
+              "backward / step counts backward calls) or 4 in the single-latent form (a reference "
               "row, one guided row with its backward pass, and the CFG pair at the guided latent).",
               "- Peak RSS above start is the Meter's, as in the main table. The pipeline keeps every step's reference "
               "maps (both CFG halves) from its reference loop until its edit loop pops them; ours keeps one step. As "
@@ -499,8 +500,9 @@ def write_markdown(path: Path, results: list, args) -> None:
               "- UNet rows / step counts batch rows through the UNet: CFG (cond + uncond) is 2 rows. Plain sampling, "
               "our DDIM, pix2pix-zero and CSG run at cfg 5; inversion and Asyrp at cfg 1 (their papers' setting), "
               "where ComfyUI skips the unconditional half. pix2pix-zero in its default (official-code) form runs a "
-              "reference row, a guided row with a backward pass for each CFG half (the caption half's is skipped at the "
-              "first step, where its gradient is zero) and re-evaluates each half at its moved latent; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
+              "reference row, the two CFG halves' guided rows in one batched call with one backward pass (only the edited "
+              "half at the first step, where the caption half's gradient is zero) and re-evaluates both halves at "
+              "their moved latents in one batched call; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
               "only (the numbers are per-step averages over all steps).",
               "- The two CLIP-loss rows use the tiny random open_clip (32 px input), so they show the structure of "
               "the cost (a VAE decode and a CLIP pass with backward per evaluation), not what a ViT-B/32 on a 512 px "
