@@ -18,6 +18,8 @@ Neither touches the MODEL or the conditioning: both act on the per-run objects a
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..attention_patches.controller import attn1_replace, attn2_replace, over
@@ -174,3 +176,42 @@ def inpainting(extra_args: dict, inversion, node: str):
         raise Z2IInputError(node, "inversion", f"it inverted a {tuple(traj.latents.shape[-2:])} latent, the masked "
                             f"latent is {tuple(mask.shape[-2:])}", "connect the inversion of the image you sample")
     return {**extra_args, "denoise_mask": None}, keep_outside(mask, level)
+
+
+def own_rng(fn):
+    """A KSAMPLER function run with its own RNG stream seeded from the sampler node's seed (extra_args["seed"]),
+    the global state restored afterwards: patches that draw from the global RNG (ToMe picks its merge
+    partitions with torch.randint) then give the same result on every run of the graph."""
+    @functools.wraps(fn)
+    def run(model, x, sigmas, extra_args=None, *args, **kwargs):
+        seed = int((extra_args or {}).get("seed") or 0)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return fn(model, x, sigmas, extra_args, *args, **kwargs)
+
+    return run
+
+
+# What the analysis nodes (CSG mask, h-direction from prompts) set aside: patches that change the UNet's token
+# layout or resolution (ToMe, HyperTile: attn1 patches; Kohya deep shrink: input/output block patches; FreeU
+# rides on the latter). The maps and h-space features they average must come from the full-resolution UNet,
+# so that they stack across steps and line up with the latent; weight patches (LoRA) and attn2 patches stay.
+ANALYSIS_DROPS = ("attn1_patch", "attn1_output_patch", "input_block_patch", "input_block_patch_after_skip",
+                  "output_block_patch")
+
+
+def analysis_options(model_options: dict, node: str) -> dict:
+    """A copy of model options without ANALYSIS_DROPS (logged when something was set aside)."""
+    import logging
+
+    mo = dict(model_options or {})
+    to = dict(mo.get("transformer_options") or {})
+    patches = dict(to.get("patches") or {})
+    dropped = [k for k in ANALYSIS_DROPS if patches.pop(k, None)]
+    if dropped:
+        logging.info("%s: runs the UNet without the model's token-merging / tiling / resolution patches (%s), so "
+                     "its maps are made at full resolution", node, ", ".join(dropped))
+    to["patches"] = patches
+    mo["transformer_options"] = to
+    return mo

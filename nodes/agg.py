@@ -12,7 +12,7 @@ from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, per_row, seeded_noise_sampler
-from ._compose import guard_inplace, guided_networks, inpainting
+from ._compose import guard_inplace, guided_networks, inpainting, own_rng
 from ._host import Z2IInputError, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -20,6 +20,7 @@ from .types import InversionType
 NODE = "Z2I AGG Sampler"
 
 
+@own_rng
 def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, weight=0.1,
             dds_lr=0.01, dds_steps=10, guided_until=0.2, masked_until=0.8, object_mask=None, eta=0.0, stats=None,
             style=None):

@@ -12,7 +12,7 @@ from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import model_sigma_floor
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
-from ._compose import guard_inplace, guided_networks, inpainting, with_z2i_attn2
+from ._compose import guard_inplace, guided_networks, inpainting, own_rng, with_z2i_attn2
 from .sampling import INVERSION_TIP
 from .types import InversionType
 from ._host import Z2IInputError, interruptible
@@ -143,6 +143,7 @@ FORM_TOOLTIP = ("'both halves (official code)': as the authors' code and diffuse
                 "moves twice as far as the code's per-branch step.")
 
 
+@own_rng
 def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_guidance=0.1, layers="",
              map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code",
              pair=True, inversion=None):

@@ -18,7 +18,7 @@ from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
 from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
-from ._compose import attn2_at, foreign_attn2_sites, inpainting, with_z2i_attn2
+from ._compose import analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, with_z2i_attn2
 from ._host import Z2IInputError, interruptible, unet_of
 from .attention import GuidedCalls
 from .types import InversionType
@@ -66,9 +66,12 @@ def word_positions(clip, caption: str, word: str, node: str) -> list[int]:
     return pos
 
 
+@own_rng
 def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, positions=None,
              token_level=2, mask_level=0, out=None):
-    calls = GuidedCalls(model, extra_args or {}, MASK_NODE, self_attention=True)
+    extra_args = {**(extra_args or {}), "model_options": analysis_options(
+        (extra_args or {}).get("model_options", {}), MASK_NODE)}          # full-resolution maps (ToMe, deep shrink)
+    calls = GuidedCalls(model, extra_args, MASK_NODE, self_attention=True)
     h, w = x.shape[-2:]
     mask_hw = (max(1, h >> mask_level), max(1, w >> mask_level))
     token_hw = (max(1, h >> token_level), max(1, w >> token_level))
@@ -210,6 +213,7 @@ class CrossAttentionMixup(io.ComfyNode):
         return io.NodeOutput(m)
 
 
+@own_rng
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
             lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True):
     extra_args, keep = inpainting(extra_args or {}, inversion, CSG_NODE)   # noise mask: keep the source outside

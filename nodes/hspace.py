@@ -24,7 +24,7 @@ from ._host import (Z2IInputError, check_latent, check_save_name, downsample_fac
                     listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
-from ._compose import inpainting
+from ._compose import analysis_options, inpainting, own_rng
 from .sampling import INVERSION_TIP
 from .types import InversionType
 
@@ -54,8 +54,8 @@ def with_hspace(model_options: dict, call: HCall | None = None) -> dict:
     if hasattr(comfy.model_patcher.ModelPatcher, "set_model_middle_block_after_patch"):   # newer hosts
         patches["middle_block_after_patch"] = [*patches.get("middle_block_after_patch", []),
                                                hspace_middle_block_after_patch]
-    else:                                                                                   # 0.3.75
-        patches["output_block_patch"] = [*patches.get("output_block_patch", []), hspace_output_block_patch]
+    else:      # 0.3.75: first in the list, so the delta lands before other output-block patches (FreeU) as there
+        patches["output_block_patch"] = [hspace_output_block_patch, *patches.get("output_block_patch", [])]
     to["patches"] = patches
     if call is not None:
         to[HSPACE_KEY] = call
@@ -63,6 +63,7 @@ def with_hspace(model_options: dict, call: HCall | None = None) -> dict:
     return mo
 
 
+@own_rng
 def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, direction=None, scale=1.0,
               edit_until=0.5, boost_from=1.0, unit="percent", stats=None, inversion=None):
     extra_args, keep = inpainting(extra_args or {}, inversion, ASYRP)
@@ -131,13 +132,14 @@ class AsyrpSampler(io.ComfyNode):
             "boost_from": float(boost_from), "unit": unit, "inversion": inversion}))
 
 
+@own_rng
 def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, out=None):
     guider = model.inner_model
     base = guider.inner_model
     traj = inversion.trajectory
     captured: dict = {}
     call = HCall(captured=captured)
-    mo = with_hspace((extra_args or {}).get("model_options", {}), call)
+    mo = with_hspace(analysis_options((extra_args or {}).get("model_options", {}), DERIVE), call)
     cb = interruptible(callback)
     diffs = []
 
@@ -207,6 +209,7 @@ class HDirectionFromPrompts(io.ComfyNode):
         return io.NodeOutput(HDirection(delta, meta))
 
 
+@own_rng
 def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, job=None):
     """Runs inside ComfyUI's sampling (so conds, LoRA and other patches apply): invert the images along the
     training schedule, then Alg. 2 over the editing interval. x: the clean latents; returns x unchanged."""

@@ -5,7 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance.ddim import per_row, sample_ddim
-from ._compose import inpainting
+from ._compose import inpainting, own_rng
 from ._host import interruptible
 from .types import InversionType
 
@@ -13,6 +13,7 @@ NODE = "Z2I DDIM Sampler"
 INVERSION_TIP = ("Optional: DDIM Inversion's INVERSION. Needed only when the latent has a noise mask (inpainting): outside the mask the result then follows the inversion (the source image), inside it the sampler edits.")
 
 
+@own_rng
 def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, inversion=None):
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)

@@ -260,3 +260,66 @@ def test_inpainting_without_the_inversion_is_named(host, checkpoints):
         host.run_prompt(p, targets=["s"])
     msg = str(e.value)
     assert "pix2pix-zero Sampler" in msg and "'inversion'" in msg and "connect DDIM Inversion" in msg
+
+
+SPEED_PATCHES = {
+    "ToMe": {"class_type": "TomePatchModel", "inputs": {"ratio": 0.3}},
+    "deep shrink": {"class_type": "PatchModelAddDownscale", "inputs": {
+        "block_number": 3, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.5,
+        "downscale_after_skip": True, "downscale_method": "bicubic", "upscale_method": "bicubic"}},
+    "HyperTile": {"class_type": "HyperTile", "inputs": {"tile_size": 32, "swap_size": 2, "max_depth": 0,
+                                                        "scale_depth": False}},
+}
+
+
+def patched_after_checkpoint(p, patch):
+    """The patch applied right after the checkpoint loader, so every node that takes the MODEL sees it (the
+    inversion, the analysis nodes and the sampler)."""
+    node = copy.deepcopy(SPEED_PATCHES[patch])
+    node["inputs"]["model"] = ["ckpt", 0]
+    for n in p.values():
+        for k, v in n["inputs"].items():
+            if v == ["ckpt", 0] and k == "model":
+                n["inputs"][k] = ["patched", 0]
+    p["patched"] = node
+    return p
+
+
+@pytest.mark.parametrize("patch", list(SPEED_PATCHES))
+@pytest.mark.parametrize("method", ["CSG", "Asyrp", "pix2pix-zero"])
+def test_speed_patches_on_every_node(host, checkpoints, method, patch):
+    """ToMe, deep shrink and HyperTile on the MODEL of every node: the analysis nodes (CSG mask, h-direction from
+    prompts) make their maps at full resolution (they set those patches aside), the samplers run with them, and
+    the graph gives the same result on every run (Z2I samplers seed their own RNG stream, which ToMe draws from)."""
+    p = patched_after_checkpoint(METHODS[method][0](checkpoints["sd15"]), patch)
+    a = host.run_prompt(p, targets=["s"], fresh_cache=True).output("s", 0)["samples"]
+    torch.rand(7)                                         # the global RNG moves between the runs
+    b = host.run_prompt(p, targets=["s"], fresh_cache=True).output("s", 0)["samples"]
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b), f"{patch}: reruns differ"
+
+
+def test_asyrp_delta_lands_before_other_output_block_patches(host, checkpoints):
+    """On every host the h-space delta is added to the middle block's output before any output-block patch of
+    another pack (e.g. FreeU's scaling) sees it: a recording output-block patch on the MODEL sees h + delta."""
+    seen = []
+
+    def recorder(h, hsp, transformer_options):
+        if tuple(transformer_options.get("block", ())) == ("output", 0):
+            seen.append(h.detach().clone())
+        return h, hsp
+
+    def with_recorder(model):
+        m = model.clone()
+        m.set_model_output_block_patch(recorder)
+        return m
+
+    build = METHODS["Asyrp"][0]
+    _samples(host, build(checkpoints["sd15"]), with_recorder)
+    edited = seen[0]
+    seen.clear()
+    off = build(checkpoints["sd15"])
+    off["sampler"]["inputs"]["scale"] = 0.0
+    _samples(host, off, with_recorder)
+    plain = seen[0]
+    assert float((edited - plain).abs().max()) > 1e-4, "the recorder did not see the delta"
