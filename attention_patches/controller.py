@@ -51,6 +51,7 @@ class AttentionCall:
     sites: Optional[frozenset] = None        # None = every site
     latent_hw: Optional[tuple] = None        # (H, W) of the full latent; None = from the first layer's options.
     # When set, a UNet sub-call on another spatial size (an area-conditioned crop) runs plain attention.
+    row: Optional[int] = None                # set while a row-wise evaluation runs image `row` of the batch alone
 
     def __deepcopy__(self, memo):           # ComfyUI 0.3.75 deep-copies model options: keep identity
         return self
@@ -190,10 +191,15 @@ class Mixup(AttentionController):
             src = src[..., self.token_map.to(src.device)]
         if src.shape[-1] != probs.shape[-1]:        # prompts of different lengths (probs.match_tokens)
             src = match_tokens(src, probs.shape[-1], like=probs)
+        row = call.row
+        if row is not None and src.shape[0] > 1:          # one image of the batch evaluated alone
+            src = src[row:row + 1]
         if src.shape[0] != probs.shape[0]:
             src = src.expand(probs.shape[0], -1, -1, -1) if src.shape[0] == 1 else src[:probs.shape[0]]
         hw = call_hw(call, probs.shape[2])
         p = self.layer_mask(hw, probs.device)
+        if row is not None and p.shape[0] > 1:
+            p = p[row:row + 1]
         if p.shape[0] != probs.shape[0]:
             p = p.expand(probs.shape[0], -1, -1, -1)
         return src * p + probs * (1 - p)

@@ -51,6 +51,10 @@ class HDirection:
         """1 for a direction shared by all images, N for one row per image of a batch of N."""
         return 1 if self.delta is None else int(self.delta.shape[0])
 
+    def row(self, i: int) -> "HDirection":
+        """The direction image i of the batch gets when it is evaluated alone (itself when shared)."""
+        return self if self.rows == 1 else HDirection(self.delta[i:i + 1], self.meta, self.implicit)
+
     def at(self, shape: torch.Size, scale: float = 1.0) -> torch.Tensor:
         """The global delta_h for an h of `shape` [R, C, H, W] (bilinear resize when the spatial size differs).
         Per-image rows (N > 1) are tiled R / N times: a UNet call stacks its cond chunks (cond, uncond, ...)

@@ -54,21 +54,24 @@ def patch_nce_loss(reference: dict, edit: dict, n_patches: int = 256, tau: float
             continue
         f_ref = reference[key][0].detach()
         for s in scales:
-            e, r = _pool(f_edit.float(), hw, s), _pool(f_ref.float().to(f_edit.device), hw, s)
-            e, r = F.normalize(e, dim=-1), F.normalize(r, dim=-1)
-            n = e.shape[1]
-            k = min(n_patches, n)
-            if ids is not None and (key, s) in ids:
-                sel = ids[(key, s)]
-            else:
-                sel = torch.randperm(n, generator=generator)[:k].to(e.device)
-                if ids is not None:
-                    ids[(key, s)] = sel
-            q, pos = r.index_select(1, sel), e.index_select(1, sel)
-            logits = q @ pos.transpose(1, 2) / tau                      # [b, k, k]
-            target = torch.arange(k, device=e.device).expand(e.shape[0], k)
-            loss = F.cross_entropy(logits.reshape(-1, k), target.reshape(-1), reduction="sum") / k
-            total = loss if total is None else total + loss
+            sel = None
+            for b in range(f_edit.shape[0]):    # image by image: each gets exactly the arithmetic it gets alone
+                e = _pool(f_edit[b:b + 1].float(), hw, s)
+                r = _pool(f_ref[b:b + 1].float().to(f_edit.device), hw, s)
+                e, r = F.normalize(e, dim=-1), F.normalize(r, dim=-1)
+                n = e.shape[1]
+                k = min(n_patches, n)
+                if sel is None:
+                    if ids is not None and (key, s) in ids:
+                        sel = ids[(key, s)]
+                    else:
+                        sel = torch.randperm(n, generator=generator)[:k].to(e.device)
+                        if ids is not None:
+                            ids[(key, s)] = sel
+                q, pos = r[0].index_select(0, sel), e[0].index_select(0, sel)
+                logits = q @ pos.transpose(0, 1) / tau                  # [k, k]
+                loss = F.cross_entropy(logits, torch.arange(k, device=e.device), reduction="sum") / k
+                total = loss if total is None else total + loss
     if total is None:
         raise ValueError("no features in common between the edit and the reference pass")
     return total

@@ -215,3 +215,23 @@ def analysis_options(model_options: dict, node: str) -> dict:
     to["patches"] = patches
     mo["transformer_options"] = to
     return mo
+
+
+def per_image_conds(model) -> bool:
+    """Whether any conditioning of this sampling run holds more than one row (one prompt per image). Row-wise
+    evaluation (guidance.ddim.per_row) would hand every row the first prompt, so it is off for such runs."""
+    for conds in (getattr(model.inner_model, "conds", None) or {}).values():
+        for c in conds or []:
+            for v in (c.get("model_conds") or {}).values():
+                t = getattr(v, "cond", None)
+                if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] > 1:
+                    return True
+    return False
+
+
+def rows_of(model):
+    """The denoiser evaluated one batch row at a time (each image exactly as alone; guidance.ddim.per_row), or
+    the whole batch when the conditioning holds one prompt per image."""
+    from ..guidance.ddim import per_row
+
+    return model if per_image_conds(model) else per_row(model)

@@ -11,8 +11,8 @@ from comfy_api.latest import io
 from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
-from ..guidance.ddim import finish, model_sigma_floor, per_row, seeded_noise_sampler
-from ._compose import guard_inplace, guided_networks, inpainting, own_rng
+from ..guidance.ddim import finish, model_sigma_floor, seeded_noise_sampler
+from ._compose import guard_inplace, guided_networks, inpainting, own_rng, rows_of
 from ._host import Z2IInputError, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -35,7 +35,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if eta > 0 else None
     cb = interruptible(callback)
     base = model.inner_model.inner_model
-    rows = per_row(model)          # each image evaluated as alone (guidance.ddim.per_row)
+    rows = rows_of(model)          # each image evaluated as alone (guidance.ddim.per_row)
     with ExitStack() as stack:
         if weight != 0 or style is not None:
             stack.enter_context(autograd_parameters(*guided_networks(model, extra_args)))

@@ -12,7 +12,7 @@ from ..attention_patches.sites import cross_attention_sites, select_sites
 from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import model_sigma_floor
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
-from ._compose import guard_inplace, guided_networks, inpainting, own_rng, with_z2i_attn2
+from ._compose import guard_inplace, guided_networks, inpainting, own_rng, per_image_conds, with_z2i_attn2
 from .sampling import INVERSION_TIP
 from .types import InversionType
 from ._host import Z2IInputError, interruptible
@@ -32,7 +32,7 @@ class GuidedCalls:
         with exactly the kernels it gets alone (CPU/GPU kernels may partition a batch differently from a single
         row, and a guided loop amplifies those last-digit differences). Not used with an inpainting mask."""
         self.model, self.extra_args = model, extra_args
-        self.rowwise = rowwise and extra_args.get("denoise_mask") is None
+        self.rowwise = rowwise and extra_args.get("denoise_mask") is None and not per_image_conds(model)
         self.guider = model.inner_model
         self.base = self.guider.inner_model
         self.unet = self.base.diffusion_model
@@ -67,7 +67,7 @@ class GuidedCalls:
                 mo["transformer_options"][FEATURE_KEY] = feature_call
             def one(xr):
                 return comfy.samplers.calc_cond_batch(self.base, [conds], xr, sigma * xr.new_ones([xr.shape[0]]), mo)[0]
-            return self.by_rows(one, x)
+            return self.by_rows(one, x, call)
 
         return run
 
@@ -109,11 +109,21 @@ class GuidedCalls:
 
         return run
 
-    def by_rows(self, fn, x):
-        """fn(x) for the whole batch, or row by row (concatenated in order) when rowwise."""
+    def by_rows(self, fn, x, call: AttentionCall = None):
+        """fn(x) for the whole batch, or row by row (concatenated in order) when rowwise; `call.row` says which
+        image a row-wise call holds (controllers with per-image state, e.g. the mixup's masks, read it)."""
         if not self.rowwise or x.shape[0] == 1:
             return fn(x)
-        return torch.cat([fn(x[i:i + 1]) for i in range(x.shape[0])])
+        out = []
+        try:
+            for i in range(x.shape[0]):
+                if call is not None:
+                    call.row = i
+                out.append(fn(x[i:i + 1]))
+        finally:
+            if call is not None:
+                call.row = None
+        return torch.cat(out)
 
     def combine(self, x_u, d_u, x_c, d_c, sigma):
         """CFG in eps space of two predictions made at two latents (pix2pix-zero's code form), through core's
@@ -132,7 +142,7 @@ class GuidedCalls:
             mo = dict(extra.get("model_options", {}))
             mo["transformer_options"] = {**mo.get("transformer_options", {}), CALL_KEY: call}
             extra = {**extra, "model_options": mo}
-        return self.by_rows(lambda xr: self.model(xr, sigma * xr.new_ones([xr.shape[0]]), **extra), x)
+        return self.by_rows(lambda xr: self.model(xr, sigma * xr.new_ones([xr.shape[0]]), **extra), x, call)
 
 
 FORMS = {"both halves (official code)": "code", "single latent (paper Alg. 1)": "single"}

@@ -18,7 +18,8 @@ from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
 from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
-from ._compose import analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, with_z2i_attn2
+from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
+                       rows_of, with_z2i_attn2)
 from ._host import Z2IInputError, interruptible, unet_of
 from .attention import GuidedCalls
 from .types import InversionType
@@ -75,25 +76,31 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
     h, w = x.shape[-2:]
     mask_hw = (max(1, h >> mask_level), max(1, w >> mask_level))
     token_hw = (max(1, h >> token_level), max(1, w >> token_level))
-    sa = SelfAttentionMean(mask_hw)
     traj = inversion.trajectory
     denoise = calls.denoise_one("positive")
     cb = interruptible(callback)
-    # First pass finds the self-attention resolution actually available (SDXL has none at full latent size).
-    tm = None
-    for i in range(len(sigmas) - 1):
-        sigma = sigmas[i]
-        xi = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
-        controllers = [tm] if tm is not None else []
-        d = denoise(xi, sigma, AttentionCall(i, controllers), AttentionCall(i, [sa]))
-        sa.end_step(i)
-        if tm is None:
-            tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw)
-            denoise(xi, sigma, AttentionCall(i, [tm]))
-        tm.end_step(i)
-        cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
-    smoothed = content_mask(tm.mean(), sa.mean() if sa.total is not None else None)
-    out.append((tm.mean(), smoothed))
+    # each image alone (as guidance.ddim.per_row), so a batch's masks are the single-image masks bit for bit
+    parts = [slice(None)] if x.shape[0] == 1 or per_image_conds(model) else [slice(r, r + 1)
+                                                                             for r in range(x.shape[0])]
+    word_maps, smoothed = [], []
+    for rows in parts:
+        sa = SelfAttentionMean(mask_hw)
+        # First pass finds the self-attention resolution actually available (SDXL has none at full latent size).
+        tm = None
+        for i in range(len(sigmas) - 1):
+            sigma = sigmas[i]
+            xi = traj.latents[traj.index_of_sigma(float(sigma))][rows].to(x)
+            controllers = [tm] if tm is not None else []
+            d = denoise(xi, sigma, AttentionCall(i, controllers), AttentionCall(i, [sa]))
+            sa.end_step(i)
+            if tm is None:
+                tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw)
+                denoise(xi, sigma, AttentionCall(i, [tm]))
+            tm.end_step(i)
+            cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
+        word_maps.append(tm.mean())
+        smoothed.append(content_mask(tm.mean(), sa.mean() if sa.total is not None else None))
+    out.append((torch.cat(word_maps), torch.cat(smoothed)))
     return x
 
 
@@ -228,7 +235,8 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         sites = cross_attention_sites(model.inner_model.inner_model.diffusion_model)
         if foreign_attn2_sites(mo, sites):
             extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, sites)}
-    calls = GuidedCalls(model, extra_args, CSG_NODE) if spec is not None else None
+    calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=True) if spec is not None else None
+    rows = rows_of(model)          # each image evaluated as alone (guidance.ddim.per_row)
     store = MapStore(conds=(0,), max_steps=1)
     source = calls.denoise_one("negative") if calls is not None else None
     if calls is not None and not calls.conds("negative"):
@@ -251,7 +259,7 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix], latent_hw=hw))
             store.drop(i)
         else:
-            denoised = model(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+            denoised = rows(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
         cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if lambda_pre != 0:
             x = csg_step(x, sigma, sigma_next, denoised, x_src, omega(bg, lambda_pre, i, steps, delta), clamp=clamp)

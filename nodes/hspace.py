@@ -24,7 +24,7 @@ from ._host import (Z2IInputError, check_latent, check_save_name, downsample_fac
                     listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
-from ._compose import analysis_options, inpainting, own_rng
+from ._compose import analysis_options, inpainting, own_rng, per_image_conds, rows_of
 from .sampling import INVERSION_TIP
 from .types import InversionType
 
@@ -81,9 +81,18 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     total = scale * step_scale(direction.meta.get("steps"), n)
     s_in = x.new_ones([x.shape[0]])
     call = HCall(direction=direction, scale=total, timestep=ms.timestep)
-    edit_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}), call)}
-    model_edit = lambda xx, s: model(xx, s * s_in, **edit_args)  # noqa: E731
-    model_orig = lambda xx, s: model(xx, s * s_in, **extra_args)  # noqa: E731
+    mo = extra_args.get("model_options", {})
+    edit_args = {**extra_args, "model_options": with_hspace(mo, call)}
+    rows = rows_of(model)
+    if rows is model or x.shape[0] == 1:
+        model_edit = lambda xx, s: model(xx, s * s_in, **edit_args)  # noqa: E731
+    else:       # each image alone, with its own row of a per-image direction (guidance.ddim.per_row)
+        row_args = [{**extra_args, "model_options": with_hspace(mo, HCall(
+            direction=direction.row(i), scale=total, timestep=ms.timestep, seen=call.seen))}
+            for i in range(x.shape[0])]
+        model_edit = lambda xx, s: torch.cat([model(xx[i:i + 1], s * s_in[i:i + 1], **row_args[i])  # noqa: E731
+                                              for i in range(xx.shape[0])])
+    model_orig = lambda xx, s: rows(xx, s * s_in, **extra_args)  # noqa: E731
     out = sample_asyrp(model_edit, model_orig, x, sigmas, edit_steps if total != 0 else 0, boost,
                        seed=extra_args.get("seed"), callback=interruptible(callback), keep=keep)
     if stats is not None:
@@ -143,17 +152,22 @@ def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, i
     cb = interruptible(callback)
     diffs = []
 
-    def per_image(chunks: list) -> torch.Tensor:        # [B, C, h, w]: every chunk holds the batch in order
+    def per_image(chunks: list, n: int) -> torch.Tensor:        # [n, C, h, w]: every chunk holds n images in order
         c = torch.cat(chunks)
-        return c.view(-1, x.shape[0], *c.shape[1:]).mean(0)
+        return c.view(-1, n, *c.shape[1:]).mean(0)
 
+    conds = [guider.conds["positive"], guider.conds["negative"]]
+    whole = per_image_conds(model) or x.shape[0] == 1     # else each image alone (guidance.ddim.per_row)
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         xi = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
-        captured.clear()
-        d = comfy.samplers.calc_cond_batch(base, [guider.conds["positive"], guider.conds["negative"]], xi,
-                                           sigma * xi.new_ones([xi.shape[0]]), mo)
-        diffs.append(per_image(captured[0]) - per_image(captured[1]))
+        parts, d = [], []
+        for xr in ([xi] if whole else xi.split(1)):
+            captured.clear()
+            d.append(comfy.samplers.calc_cond_batch(base, conds, xr, sigma * xr.new_ones([xr.shape[0]]), mo)[0])
+            parts.append(per_image(captured[0], xr.shape[0]) - per_image(captured[1], xr.shape[0]))
+        diffs.append(torch.cat(parts))
+        d = [torch.cat(d)]
         cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d[0]})
     out.append(torch.stack(diffs).mean(0))
     return x

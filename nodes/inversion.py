@@ -8,10 +8,9 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..guidance.ddim import per_row
 from ..guidance.inversion import sample_ddim_invert
 from ..guidance.regularizers import regularize_noise
-from ._compose import own_rng
+from ._compose import own_rng, rows_of
 from ._host import (Z2IInputError, check_cond_batch, check_latent, interruptible, model_signature,
                     schedule_sigmas, unet_of)
 from .types import Inversion, InversionType
@@ -22,7 +21,7 @@ VARIANTS = {"current level": "current", "target timestep": "target", "diffusers 
 
 @own_rng
 def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-    return sample_ddim_invert(per_row(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+    return sample_ddim_invert(rows_of(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                               disable=disable, **options)
 
 

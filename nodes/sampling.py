@@ -4,8 +4,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..guidance.ddim import per_row, sample_ddim
-from ._compose import inpainting, own_rng
+from ..guidance.ddim import sample_ddim
+from ._compose import inpainting, own_rng, rows_of
 from ._host import interruptible
 from .types import InversionType
 
@@ -17,7 +17,7 @@ INVERSION_TIP = ("Optional: DDIM Inversion's INVERSION. Needed only when the lat
 def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, inversion=None):
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)
-    return sample_ddim(per_row(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+    return sample_ddim(rows_of(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                        disable=disable, eta=eta, keep=keep)
 
 

@@ -227,12 +227,12 @@ def inverted_image_graph(ckpt: str, caption: str, key: str = "pos", steps: int =
 # Batch independence on 2 CPU cores: a single UNet call differs by ~1.5e-6 relative between batch sizes (CPU
 # kernels pick other blockings, even at torch.set_num_threads(1)), and after 4 inversion + 4 DDIM steps the same
 # image alone and in a batch of two differs by max|diff| / std = 3e-5 (cfg 1) to 6e-5 (cfg 5) when the UNet sees
-# the batch whole. The Z2I inversion, the DDIM, pix2pix-zero/zeroCon and AGG samplers evaluate the UNet one row
-# at a time (guidance.ddim.per_row), so there the batch equals the images alone to EXACT_BATCH_TOL (bit-equal in
-# practice; zeroCon's backward through self-attention sums in a thread-dependent order). The Asyrp sampler's
-# per-image h-space rows ride along with its batched calls, so it sits at the plain-sampling noise: BATCH_TOL, 5x
-# above the measured 2.6e-5..6e-5 and 6x below the smallest real coupling measured (2e-3, Asyrp's old batch-mean
-# direction; 2e-2, AGG's old batch-mean L1 at lambda_reg 1).
+# the batch whole. Every Z2I sampler, the inversion and the analysis nodes (CSG mask, h-direction from prompts)
+# evaluate the UNet one row at a time (guidance.ddim.per_row, GuidedCalls rowwise, the mixup and the h-space
+# delta reading the row's own mask/direction), and per-image losses are computed image by image, so a batch
+# equals the images alone to EXACT_BATCH_TOL (bit-equal in practice). BATCH_TOL is what a batched call gives:
+# 5x above the measured 2.6e-5..6e-5 and 6x below the smallest real coupling measured (2e-3, Asyrp's old
+# batch-mean direction; 2e-2, AGG's old batch-mean L1 at lambda_reg 1).
 EXACT_BATCH_TOL = 1e-5
 BATCH_TOL = 3e-4
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from z2i.tests.helpers import BATCH_TOL, batch_spread, inverted_image_graph, run_sampler_with_stats, two_image_batch
+from z2i.tests.helpers import EXACT_BATCH_TOL, batch_spread, inverted_image_graph, run_sampler_with_stats, two_image_batch
 
 pytestmark = pytest.mark.host
 
@@ -54,7 +54,7 @@ def test_each_image_of_a_batch_is_edited_as_alone(host, checkpoints):
     has one row per image (the batch mean coupled the images: spread 2e-3)."""
     spread = batch_spread(lambda which: host.run_prompt(two_image_batch(graph(checkpoints["sd15"]), which),
                                                         targets=["s"]))
-    assert spread <= BATCH_TOL, spread
+    assert spread <= EXACT_BATCH_TOL, spread      # every UNet call row by row, each row its own direction
 
 
 def test_derived_direction_per_image_or_mean(host, checkpoints):

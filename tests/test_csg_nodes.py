@@ -3,7 +3,7 @@ isolation."""
 import pytest
 import torch
 
-from z2i.tests.helpers import inverted_image_graph
+from z2i.tests.helpers import EXACT_BATCH_TOL, batch_spread, inverted_image_graph, two_image_batch
 
 pytestmark = pytest.mark.host
 
@@ -165,3 +165,11 @@ def test_batch_rows_are_independent(host, checkpoints):
     assert rel(with_mirror[1], with_inverse[1]) > 0.1                        # the second images differ
     assert rel(with_mirror[0], with_inverse[0]) < 1e-5                       # no coupling
     assert rel(with_mirror[0], alone[0]) < 3e-4                              # batch-size noise only
+
+
+def test_each_image_of_a_batch_is_edited_as_alone(host, checkpoints):
+    """[A, B] inverted, masked and edited with the mixup in one batch gives each image what it gets alone (the
+    sampler's UNet calls run row by row; the mixup reads the row's own mask and source maps)."""
+    spread = batch_spread(lambda which: host.run_prompt(two_image_batch(graph(checkpoints["sd15"]), which),
+                                                        targets=["s"]))
+    assert spread <= EXACT_BATCH_TOL, spread
