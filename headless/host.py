@@ -36,6 +36,10 @@ class PromptFailed(RuntimeError):
         self.details = details
 
 
+class PromptInterrupted(PromptFailed):
+    """The prompt was cancelled (Cancel, an interrupt request) before it finished."""
+
+
 def _is_host(path: Path) -> bool:
     return (path / "main.py").is_file() and (path / "comfy").is_dir() and (path / "nodes.py").is_file()
 
@@ -210,6 +214,10 @@ class Host:
         self.executor.execute(prompt, pid, {}, outs)
         messages = list(self.executor.status_messages)
         if not self.executor.success:
+            stop = next((d for e, d in messages if e == "execution_interrupted"), None)
+            if stop is not None:
+                raise PromptInterrupted(f"{stop.get('node_type', '?')} (node {stop.get('node_id', '?')}) was "
+                                        "interrupted: the prompt was cancelled before it finished", stop)
             err = next((d for e, d in messages if e == "execution_error"), {})
             raise PromptFailed(
                 f"{err.get('node_type', '?')} (node {err.get('node_id', '?')}) failed: "

@@ -70,6 +70,18 @@ def check_latent(model, samples: torch.Tensor, node: str, input_name: str = "lat
     if samples.ndim != 4:
         raise Z2IInputError(node, input_name, f"expected an image latent [B, C, H, W], got shape "
                             f"{tuple(samples.shape)}", "connect a VAE Encode or Empty Latent Image output")
+    if not samples.is_floating_point() or samples.numel() == 0:
+        raise Z2IInputError(node, input_name, f"expected a non-empty floating-point latent, got {samples.dtype} of "
+                            f"shape {tuple(samples.shape)}", "connect a VAE Encode or Empty Latent Image output")
+    if not bool(torch.isfinite(samples).all()):
+        raise Z2IInputError(node, input_name, "the latent holds NaN or infinite values", "check the node that made "
+                            "it (a VAE Encode of a broken image, latent math that divided by zero)")
+    channels = int(getattr(model.get_model_object("latent_format"), "latent_channels", samples.shape[1]))
+    if samples.shape[1] != channels:
+        raise Z2IInputError(node, input_name, f"the latent has {samples.shape[1]} channels, this "
+                            f"{type(model.model.model_config).__name__} model's latents have {channels}",
+                            "encode the image with this model's VAE (VAE Encode), or load the checkpoint the "
+                            "latent was made for")
     f = downsample_factor(unet)
     h, w = samples.shape[-2:]
     if h % f or w % f:
@@ -273,3 +285,31 @@ def read_checked_safetensors(folder: str, name, node: str, fix: str, check_heade
 
 def _rebuild_input_error(node: str, input_name: str, problem: str, fix: str) -> Z2IInputError:
     return Z2IInputError(node, input_name, problem, fix)
+
+
+def check_inversion(node: str, inversion, model, x: torch.Tensor = None, input_name: str = "inversion",
+                    latent_name: str = "latent_image (of the sampler node)") -> None:
+    """An INVERSION used with `model` (a ModelPatcher) and, at sampling time, with the latent x: the same model
+    family and checkpoint, and the same batch and size, or a Z2IInputError saying which and what to do."""
+    why = inversion.model.mismatch(model_signature(model))
+    if why:
+        raise Z2IInputError(node, input_name, why, "invert the image with the model you edit with (the same "
+                            "checkpoint; LoRAs and other patches may differ)")
+    if x is None:
+        return
+    inv = tuple(inversion.latent_shape)
+    if tuple(x.shape[-2:]) != inv[-2:]:
+        raise Z2IInputError(node, latent_name, f"the latent is {x.shape[-1]}x{x.shape[-2]}, the inversion's "
+                            f"{inv[-1]}x{inv[-2]}", "sample the inversion's own noise output (or invert this "
+                            "latent)")
+    if x.shape[0] != inv[0]:
+        raise Z2IInputError(node, latent_name, f"the latent holds {x.shape[0]} image(s), the inversion "
+                            f"{inv[0]}", "sample the inversion's own noise output (one inversion per batch)")
+
+
+def check_sampler_inputs(node: str, model_k, x: torch.Tensor, inversion=None) -> None:
+    """The checks every Z2I SAMPLER makes first: `model_k` is what core hands a KSAMPLER function."""
+    patcher = model_k.inner_model.model_patcher
+    check_latent(patcher, x, node, "latent_image (of the sampler node)")
+    if inversion is not None:
+        check_inversion(node, inversion, patcher, x)

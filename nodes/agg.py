@@ -13,7 +13,7 @@ from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, seeded_noise_sampler
 from ._compose import guard_inplace, guided_networks, inpainting, own_rng, rows_of
-from ._host import Z2IInputError, interruptible
+from ._host import Z2IInputError, check_sampler_inputs, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
@@ -24,6 +24,7 @@ NODE = "Z2I AGG Sampler"
 def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, weight=0.1,
             dds_lr=0.01, dds_steps=10, guided_until=0.2, masked_until=0.8, object_mask=None, eta=0.0, stats=None,
             style=None):
+    check_sampler_inputs(NODE, model, x, inversion)
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)     # noise mask: keep the source outside
     traj = inversion.trajectory
     n = len(sigmas) - 1

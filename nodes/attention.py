@@ -15,7 +15,7 @@ from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
 from ._compose import guard_inplace, guided_networks, inpainting, own_rng, per_image_conds, with_z2i_attn2
 from .sampling import INVERSION_TIP
 from .types import InversionType
-from ._host import Z2IInputError, interruptible
+from ._host import Z2IInputError, check_sampler_inputs, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
 
@@ -158,6 +158,7 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
              map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code",
              pair=True, inversion=None):
     node = node or P2PZ
+    check_sampler_inputs(node, model, x, inversion)
     extra_args, keep = inpainting(extra_args or {}, inversion, node)
     calls = GuidedCalls(model, extra_args or {}, node, rowwise=True)
     if not calls.conds("negative"):

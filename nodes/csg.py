@@ -8,6 +8,7 @@ import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import latent_preview
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
@@ -20,7 +21,7 @@ from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
 from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
                        rows_of, with_z2i_attn2)
-from ._host import Z2IInputError, interruptible, unet_of
+from ._host import Z2IInputError, check_inversion, check_sampler_inputs, interruptible, unet_of
 from .attention import GuidedCalls
 from .types import InversionType
 
@@ -43,9 +44,9 @@ class MixupSpec:
 
 
 def _ids(clip, text: str) -> list[int]:
+    """The prompt's token ids over every 77-token chunk (a long prompt's conditioning holds them all in order)."""
     tokens = clip.tokenize(text)
-    seq = next(iter(tokens.values()))[0]
-    return [int(t[0]) for t in seq]
+    return [int(t[0]) for chunk in next(iter(tokens.values())) for t in chunk]
 
 
 END_OF_TEXT = 49407  # CLIP's BPE vocabulary, shared by CLIP-L, OpenCLIP-H and OpenCLIP-bigG
@@ -56,6 +57,21 @@ def _word_ids(clip, word: str) -> list[int]:
     ids = _ids(clip, word)
     end = ids.index(END_OF_TEXT, 1) if END_OF_TEXT in ids[1:] else len(ids)
     return ids[1:end]
+
+
+def check_caption(clip, caption: str, conditioning, node: str) -> None:
+    """The caption must be the inversion's prompt: its maps are the ones the mask is read from."""
+    cond = conditioning[0][0] if conditioning else None
+    if cond is None:
+        return
+    mine = clip.encode_from_tokens(clip.tokenize(caption))
+    mine = mine[0] if isinstance(mine, (tuple, list)) else mine
+    same = mine.shape == cond.shape and bool(torch.allclose(mine.float().cpu(), cond.float().cpu(), rtol=1e-3,
+                                                            atol=1e-4))
+    if not same:
+        raise Z2IInputError(node, "caption", f"'{caption}' does not encode to the prompt the inversion used (a "
+                            "different text, or another CLIP / clip skip)", "type the inversion's caption exactly "
+                            "and connect the CLIP its prompt was encoded with")
 
 
 def word_positions(clip, caption: str, word: str, node: str) -> list[int]:
@@ -141,6 +157,8 @@ class CSGMask(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, inversion, caption, word, token_level, mask_level) -> io.NodeOutput:
         unet_of(model, MASK_NODE)
+        check_inversion(MASK_NODE, inversion, model)
+        check_caption(clip, caption, inversion.positive, MASK_NODE)
         positions = word_positions(clip, caption, word, MASK_NODE)
         traj = inversion.trajectory
         sigmas = inversion.sigmas[:-1] if float(inversion.sigmas[-1]) == 0 else inversion.sigmas
@@ -151,7 +169,8 @@ class CSGMask(io.ComfyNode):
             "mask_level": int(mask_level), "out": out})
         latent = model.model.process_latent_out(traj.latents[-1]).cpu()
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, sampler, sigmas, inversion.positive,
-                                   inversion.positive, latent, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+                                   inversion.positive, latent, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                                   callback=latent_preview.prepare_callback(model, len(sigmas) - 1))
         word_map, smoothed = out[0]
         lat_h, lat_w = traj.latents.shape[-2:]
         size = (lat_h * 8, lat_w * 8)
@@ -223,6 +242,7 @@ class CrossAttentionMixup(io.ComfyNode):
 @own_rng
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
             lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True):
+    check_sampler_inputs(CSG_NODE, model, x, inversion)
     extra_args, keep = inpainting(extra_args or {}, inversion, CSG_NODE)   # noise mask: keep the source outside
     spec = extra_args.get("model_options", {}).get("transformer_options", {}).get(MIXUP_KEY)
     traj = inversion.trajectory

@@ -143,7 +143,19 @@ class ApplyEditDirection(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(conditioning)
         out = []
+        node = "Z2I Apply Edit Direction"
         for c, d in conditioning:
+            if not isinstance(c, torch.Tensor) or c.ndim != 3 or not c.is_floating_point() or c.numel() == 0:
+                raise Z2IInputError(node, "conditioning", "expected a text conditioning [batch, tokens, width], got "
+                                    f"{getattr(c, 'dtype', type(c).__name__)} of shape "
+                                    f"{tuple(getattr(c, 'shape', ()))}", "connect a CLIP Text Encode output")
+            if c.shape[1] % direction.delta.shape[1]:
+                raise Z2IInputError(node, "conditioning", f"it has {c.shape[1]} tokens, not whole "
+                                    f"{direction.delta.shape[1]}-token chunks", "connect a CLIP Text Encode output "
+                                    "(core's text encoders make 77-token chunks)")
+            if not bool(torch.isfinite(c).all()):
+                raise Z2IInputError(node, "conditioning", "it holds NaN or infinite values",
+                                    "check the node that made it")
             if c.shape[-1] != direction.width:
                 raise Z2IInputError(
                     "Z2I Apply Edit Direction", "direction",

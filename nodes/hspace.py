@@ -20,8 +20,8 @@ from ..guidance.ddim import finish, model_sigma_floor
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IInputError, check_latent, check_save_name, downsample_factor, interruptible, listed_file_error,
-                    listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
+from ._host import (Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+                    downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
 from ._compose import analysis_options, inpainting, own_rng, per_image_conds, rows_of
@@ -66,6 +66,11 @@ def with_hspace(model_options: dict, call: HCall | None = None) -> dict:
 @own_rng
 def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, direction=None, scale=1.0,
               edit_until=0.5, boost_from=1.0, unit="percent", stats=None, inversion=None):
+    check_sampler_inputs(ASYRP, model, x, inversion)
+    fam, mine = direction.meta.get("family"), model_signature(model.inner_model.model_patcher).family
+    if fam and fam != mine:
+        raise Z2IInputError(ASYRP, "direction", f"it was made with a {fam} model and this is a {mine} model",
+                            "derive or train the direction with this model")
     extra_args, keep = inpainting(extra_args or {}, inversion, ASYRP)
     middle_block_of(model.inner_model.model_patcher, ASYRP, "model (of the sampler node)")
     base = model.inner_model.inner_model
@@ -203,6 +208,7 @@ class HDirectionFromPrompts(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, target, source=None, images=PER_IMAGE) -> io.NodeOutput:
         middle_block_of(model, DERIVE)
+        check_inversion(DERIVE, inversion, model)
         if images not in (PER_IMAGE, MEAN):
             raise Z2IInputError(DERIVE, "images", f"unknown choice {images!r}", f"pick '{PER_IMAGE}' or '{MEAN}'")
         source = source if source is not None else inversion.positive
@@ -213,6 +219,7 @@ class HDirectionFromPrompts(io.ComfyNode):
         out: list = []
         sampler = comfy.samplers.KSAMPLER(_derive_fn, extra_options={"inversion": inversion, "out": out})
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 2.0, sampler, sigmas, target, source, latent,
+                                   callback=latent_preview.prepare_callback(model, len(sigmas) - 1),
                                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         delta = out[0].cpu()
         if images == MEAN:

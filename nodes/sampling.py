@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..guidance.ddim import sample_ddim
 from ._compose import inpainting, own_rng, rows_of
-from ._host import interruptible
+from ._host import check_sampler_inputs, interruptible
 from .types import InversionType
 
 NODE = "Z2I DDIM Sampler"
@@ -16,6 +16,7 @@ INVERSION_TIP = ("Optional: DDIM Inversion's INVERSION. Needed only when the lat
 @own_rng
 def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, inversion=None):
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
+    check_sampler_inputs(NODE, model, x, inversion)
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)
     return sample_ddim(rows_of(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                        disable=disable, eta=eta, keep=keep)
