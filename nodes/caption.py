@@ -77,9 +77,13 @@ class BLIPCaption(io.ComfyNode):
             description=("Captions each image with a BLIP model saved in models/blip/<name>/ (transformers "
                          "format, local files only). pix2pix-zero uses the caption as the source prompt for "
                          "inversion and as the negative prompt while editing. Greedy or beam decoding: "
-                         "deterministic."),
+                         "deterministic. A batch of images gives a LIST of captions: ComfyUI then runs every "
+                         "downstream node once per caption, each over the whole image batch, so with several "
+                         "images caption and edit them one at a time (one image per graph run), or every image "
+                         "is edited with every caption."),
             inputs=[
-                io.Image.Input("image", tooltip="Images to caption; one caption per image."),
+                io.Image.Input("image", tooltip="Images to caption; one caption per image (a list: feed one image "
+                                                "per run when the captions drive an edit, see the description)."),
                 io.Combo.Input("model", options=blip_models() or ["(no BLIP model in models/blip)"],
                                tooltip="A folder directly in models/blip holding config.json, weights and processor "
                                        "files (only listed folders load: no paths, nothing downloaded)."),

@@ -4,7 +4,9 @@ Each cell splices one more core node into a method's graph (tiny SD1.5, 64 px, 4
 - the graph runs and a rerun of the sampler is bit-identical,
 - the spliced node still changes the result (it is not bypassed),
 - the Z2I method still changes the result (guidance off vs on).
-The tiny ControlNet is made by tools/setup.sh (tools/make_tiny_controlnet.py).
+The tiny ControlNet and GLIGEN are made by tools/setup.sh (tools/make_tiny_controlnet.py). Batch cells: each
+method's own module asserts a batch of two different images equals the images alone to 1e-5 (test_pix2pix_zero,
+test_agg_nodes, test_csg_nodes, test_asyrp_nodes: test_each_image_of_a_batch_*).
 """
 import copy
 
@@ -16,6 +18,7 @@ from z2i.tests import test_agg_nodes, test_asyrp_nodes, test_csg_nodes, test_pix
 pytestmark = pytest.mark.host
 
 CONTROLNET = "z2i-tiny-controlnet-sd15.safetensors"
+GLIGEN = "z2i-tiny-gligen-sd15.safetensors"
 
 
 def _p2p(ckpt):
@@ -73,6 +76,17 @@ def freeu_v2(model):
         cfg["model_channels"] = saved
 
 
+def splice_gligen(p):
+    """GLIGEN box conditioning on the positive (tiny GLIGEN made by setup)."""
+    s = p["s"]["inputs"]
+    p["gl_loader"] = {"class_type": "GLIGENLoader", "inputs": {"gligen_name": GLIGEN}}
+    p["gl"] = {"class_type": "GLIGENTextBoxApply", "inputs": {
+        "conditioning_to": s["positive"], "clip": ["ckpt", 1], "gligen_textbox_model": ["gl_loader", 0],
+        "text": "a red hat", "width": 32, "height": 32, "x": 0, "y": 0}}
+    s["positive"] = ["gl", 0]
+    return p
+
+
 def splice_area(p):
     """A regional prompt: the positive combined with a second prompt on the top-left quarter (128 px image)."""
     s = p["s"]["inputs"]
@@ -119,6 +133,7 @@ def foreign_attn2(model):
 
 
 PATCHES = {
+    "GLIGEN": splice_gligen,
     "attn2 replace of another pack": foreign_attn2,
     "regional prompt (ConditioningSetArea)": splice_area,
     "prompts of different lengths": splice_long_prompt,
@@ -127,7 +142,7 @@ PATCHES = {
     "FreeU_V2": freeu_v2,            # a model patch: applied to the MODEL the sampler gets (see _samples)
 }
 GRAPH_PATCHES = ("ControlNet", "two ControlNets chained", "regional prompt (ConditioningSetArea)",
-                 "prompts of different lengths")
+                 "prompts of different lengths", "GLIGEN")
 
 
 def _samples(host, p, model_patch=None):

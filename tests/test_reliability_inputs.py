@@ -144,21 +144,30 @@ def test_server_h_direction_of_another_family(server, host, checkpoints):
                    "with this model")
 
 
-def test_interrupted_guided_run_leaves_the_model_and_says_so(host, checkpoints):
-    """Cancel during a pix2pix-zero run: the runner says the prompt was interrupted (not '? (node ?) failed'),
-    the shared model's weights are the same objects and values as before (no alias left behind), and the next
-    run gives the result of a clean run."""
+INTERRUPTED = {   # a long graph per guided loop, the node that is cancelled, the upstream nodes to cache first
+    "pix2pix-zero": (lambda ck: test_pix2pix_zero.graph(ck, 0.1, steps=30), "s", ["inv", "edit"]),
+    "AGG": (lambda ck: test_agg_nodes.graph(ck, weight=1.0, steps=30), "s", ["inv", "tgt"]),
+    "CSG mask": (lambda ck: test_csg_nodes.graph(ck, steps=30), "mask", ["inv"]),
+}
+
+
+@pytest.mark.parametrize("loop", list(INTERRUPTED))
+def test_interrupted_guided_run_leaves_the_model_and_says_so(host, checkpoints, loop):
+    """Cancel during a guided loop: the runner says the prompt was interrupted (not '? (node ?) failed'), the
+    shared model's weights are the same objects and values as before (no alias left behind), and the next run
+    gives the result of a clean run."""
     import comfy.model_management
     from z2i.headless.host import PromptInterrupted
-    p = test_pix2pix_zero.graph(checkpoints["sd15"], 0.1, steps=30)
-    host.run_prompt(p, targets=["inv", "edit"])                  # the upstream nodes, cached
+    build, target, upstream = INTERRUPTED[loop]
+    p = build(checkpoints["sd15"])
+    host.run_prompt(p, targets=upstream)                          # the upstream nodes, cached
     model = host.run_prompt(p, targets=["ckpt"]).output("ckpt", 0)
     params = {n: (t, t.clone()) for n, t in model.model.diffusion_model.state_dict(keep_vars=True).items()}
     timer = threading.Timer(1.0, comfy.model_management.interrupt_current_processing, args=(True,))
     timer.start()
     try:
         with pytest.raises(PromptInterrupted) as e:
-            host.run_prompt(p, targets=["s"])
+            host.run_prompt(p, targets=[target])
     finally:
         timer.cancel()
         comfy.model_management.interrupt_current_processing(False)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from z2i.headless.workflow import ui_to_api
+from z2i.tests.test_reliability_files import no_network  # noqa: F401  (fixture: the network blocked)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -57,9 +58,12 @@ def test_workflows_match_their_builder(host):
 
 @pytest.mark.host
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_headless(host, path):
+def test_workflow_runs_headless(host, path, no_network):
+    """... with every way out to the network blocked (socket connect, create_connection, getaddrinfo): no
+    attempt is made (nothing is fetched at run time)."""
     prompt = _prepare(ui_to_api(json.loads(path.read_text()), host.input_types, set(host.node_classes)), path)
     res = host.run_prompt(prompt)
+    assert not no_network, no_network
     images = [img for out in res.ui.values() for img in out.get("images", [])]
     assert images, "the workflow saved no image"
     for img in images:

@@ -101,10 +101,12 @@ for k in "${kinds[@]}"; do
   ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
 done
 
-# A tiny random ControlNet matching the tiny SD1.5 UNet, for the composition tests (tools/make_tiny_controlnet.py).
-mkdir -p "$host/models/controlnet"
+# A tiny random ControlNet and GLIGEN matching the tiny SD1.5 UNet, for the composition tests
+# (tools/make_tiny_controlnet.py).
+mkdir -p "$host/models/controlnet" "$host/models/gligen"
 PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_controlnet.py \
-  "$host/models/controlnet" --comfyui "$host" >/dev/null 2>&1 || { say "building the tiny ControlNet failed"; exit 1; }
+  "$host/models/controlnet" --gligen-dir "$host/models/gligen" --comfyui "$host" >/dev/null 2>&1 \
+  || { say "building the tiny ControlNet / GLIGEN failed"; exit 1; }
 
 # A tiny random open_clip model for the CLIP losses (AGG style loss, Asyrp training) in tests and workflows.
 mkdir -p "$host/models/open_clip"
