@@ -134,12 +134,23 @@ class ApplyEditDirection(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Multiplier of the direction. 0 = the conditioning unchanged; "
                                        "negative values edit the other way."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional: the CLIP the conditioning was encoded with. A CONDITIONING does "
+                                      "not record its clip skip (CLIPSetLastLayer); with this connected, a "
+                                      "direction built at another clip skip is refused instead of applied."),
             ],
             outputs=[io.Conditioning.Output(display_name="conditioning")],
         )
 
     @classmethod
-    def execute(cls, conditioning, direction, strength) -> io.NodeOutput:
+    def execute(cls, conditioning, direction, strength, clip=None) -> io.NodeOutput:
+        if clip is not None and "clip_skip" in direction.meta and \
+                getattr(clip, "layer_idx", None) != direction.meta["clip_skip"]:
+            skip = lambda v: "the last layer" if v is None else f"layer {v}"  # noqa: E731
+            raise Z2IInputError("Z2I Apply Edit Direction", "clip", f"the direction was built at clip skip "
+                                f"{skip(direction.meta['clip_skip'])}, this CLIP encodes at "
+                                f"{skip(getattr(clip, 'layer_idx', None))}", "build the direction with the same "
+                                "CLIPSetLastLayer setting as the prompt it is applied to")
         if strength == 0:
             return io.NodeOutput(conditioning)
         out = []

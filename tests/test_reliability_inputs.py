@@ -179,3 +179,16 @@ def test_interrupted_guided_run_leaves_the_model_and_says_so(host, checkpoints, 
     a = host.run_prompt(short, targets=["s"]).output("s", 0)["samples"]
     b = host.run_prompt(short, targets=["s"], fresh_cache=True).output("s", 0)["samples"]
     assert torch.equal(a, b)
+
+
+def test_direction_of_another_clip_skip_is_refused_when_the_clip_is_connected(host, checkpoints):
+    p = test_pix2pix_zero.graph(checkpoints["sd15"], 0.1)
+    p["skip"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["ckpt", 1], "stop_at_clip_layer": -2}}
+    p["dir"]["inputs"]["clip"] = ["skip", 0]                  # direction at clip skip -2
+    p["edit"]["inputs"]["clip"] = ["ckpt", 1]                 # the prompt's CLIP at the default
+    err = run_error(host, p, ["edit"])
+    assert_message(err, "Z2I Apply Edit Direction", "clip", "the direction was built at clip skip layer -2",
+                   "build the direction with the same CLIPSetLastLayer setting")
+    p["edit"]["inputs"]["clip"] = ["skip", 0]                 # matching: applies
+    out = host.run_prompt(p, targets=["edit"]).output("edit", 0)
+    assert torch.isfinite(out[0][0]).all()
