@@ -11,6 +11,7 @@
 #   Z2I_CACHE     cache folder (default ~/.cache/z2i)
 #   Z2I_PYTHON    interpreter for the venv (default python3.11, else python3)
 #   Z2I_MODELS    which tiny checkpoints to build (default sd15,sd2v,sdxl)
+#   Z2I_COMFYUI_SRC  also build a second host from a ComfyUI tarball or folder (step 6; tools/test-host.sh)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -157,4 +158,42 @@ fi
 # never into the venv, and put on sys.path only by tests/test_diffusers_parity.py and tools/benchmark.py.
 "$python" -c 'import sys; sys.path.insert(0, "tools"); import peer_pix2pix_zero as p; p.ensure_bench_deps()' \
   >/dev/null || { say "could not install tools/requirements-bench.txt (diffusers)"; exit 1; }
+# -- 6. optional: a second ComfyUI host from another source (Z2I_COMFYUI_SRC: a .tar.gz or a folder) -----------
+# Built into .host/ComfyUI-<version> beside the default one: the same venv (torch and the shared packages), the
+# host's own pinned frontend, templates, docs and comfy-kitchen installed --no-deps into a per-host site folder
+# (never torch), listed in <host>/.z2i-site; models, input and the pack linked from the default host.
+# tools/test-host.sh runs the host-level tests against it.
+if [ -n "${Z2I_COMFYUI_SRC:-}" ]; then
+  src="$Z2I_COMFYUI_SRC"
+  tmp="$cache/host-src-tmp"
+  rm -rf "$tmp"; mkdir -p "$tmp"
+  if [ -d "$src" ]; then cp -a "$src" "$tmp/ComfyUI"; else tar xzf "$src" -C "$tmp"; fi
+  [ -f "$tmp/ComfyUI/comfyui_version.py" ] || { say "no ComfyUI/comfyui_version.py in $src"; exit 1; }
+  ver="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$tmp/ComfyUI/comfyui_version.py")"
+  second=".host/ComfyUI-$ver"
+  if [ ! -f "$second/.z2i-host-complete" ]; then
+    say "installing ComfyUI $ver from $src into $second"
+    rm -rf "$second"; mv "$tmp/ComfyUI" "$second"
+    rm -f "$second/extra_model_paths.yaml"; rm -rf "$second/tests" "$second/tests-unit"
+    pins="$(grep -E '^(comfyui-frontend-package|comfyui-workflow-templates|comfyui-embedded-docs|comfy-kitchen)' \
+            "$second/requirements.txt" | tr '\n' ' ')"
+    site="$cache/host-site-$(echo "$pins" | sha256sum | cut -c1-16)"
+    if [ ! -f "$site/.z2i-complete" ]; then
+      rm -rf "$site"
+      # shellcheck disable=SC2086
+      "$python" -m pip install -q --disable-pip-version-check --no-deps --target "$site" $pins \
+        >"$cache/pip-host-site.log" 2>&1 || { tail -n 20 "$cache/pip-host-site.log" >&2; exit 1; }
+      touch "$site/.z2i-complete"
+    fi
+    echo "$site" > "$second/.z2i-site"
+    touch "$second/.z2i-host-complete"
+  fi
+  rm -rf "$tmp"
+  mkdir -p "$second/custom_nodes" "$second/output"
+  ln -sfn "$repo" "$second/custom_nodes/z2i"
+  rm -rf "$second/models" "$second/input"
+  ln -sfn "$repo/$host/models" "$second/models"
+  ln -sfn "$repo/$host/input" "$second/input"
+  say "second host: $repo/$second (ComfyUI $ver; site packages $(cat "$second/.z2i-site"))"
+fi
 say "ready: python=$python host=$repo/$host"

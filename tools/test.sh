@@ -1,8 +1,38 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite. Extra arguments go to pytest.
+# Set up (idempotent) and run the test suite. Extra arguments go to pytest and run on the default host only.
+# Without arguments (what CI runs: .ci/run):
+#   1. the whole suite on the embedded ComfyUI 0.3.75;
+#   2. the host-level tests (everything that boots ComfyUI: nodes, workflows headless, over HTTP and in the
+#      frontend) on upstream ComfyUI 0.8.0 when ../shared/hosts/comfyui-0.8.0.tar.gz exists (or the tarball/folder
+#      in $Z2I_SECOND_HOST), built by tools/setup.sh into .host/ComfyUI-0.8.0 with its own pinned frontend;
+# then one line per host with its counts. The diffusers parity test runs on the first host only (it compares
+# numbers that do not depend on the host; ~4 minutes).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bash tools/setup.sh
 export PYTHONPATH="$repo/.host/pythonpath${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+
+summary() { grep -E "(passed|failed|error).* in [0-9.]+s" "$1" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//'; }
+logs="$repo/.host/test-logs"
+mkdir -p "$logs"
+rc=0
+.venv/bin/python -m pytest 2>&1 | tee "$logs/host-0.3.75.log" || rc=$?
+lines=("host ComfyUI 0.3.75 (whole suite): $(summary "$logs/host-0.3.75.log")")
+
+second="${Z2I_SECOND_HOST:-$repo/../shared/hosts/comfyui-0.8.0.tar.gz}"
+if [ -e "$second" ]; then
+  rc2=0
+  bash tools/test-host.sh "$second" -k "not diffusers" 2>&1 | tee "$logs/host-second.log" || rc2=$?
+  ver="$(sed -n 's/^\[z2i test-host\] ComfyUI \([^ ]*\) at .*/\1/p' "$logs/host-second.log" | tail -n 1)"
+  lines+=("host ComfyUI ${ver:-?} (host-level tests): $(summary "$logs/host-second.log")")
+  [ "$rc2" -eq 0 ] || rc=$rc2
+else
+  lines+=("second host: $second not found, skipped")
+fi
+printf '\n'
+printf '%s\n' "${lines[@]}"
+exit "$rc"
