@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .file_checks import check_file_tensors  # noqa: F401  (re-exported for the loaders)
+
 FORMAT = "z2i.edit_direction.v1"
 
 
@@ -97,13 +99,3 @@ def check_file_header(shapes: dict, metadata: Optional[dict]) -> dict:
     if width is not None and width != delta[2]:
         raise ValueError(f"its metadata says width {width!r} but the delta is {delta[2]} wide")
     return meta
-
-
-def check_file_tensors(tensors: dict) -> None:
-    """Floating-point and finite values only (a NaN in delta turns every edited image NaN/black)."""
-    for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise ValueError(f"its {key} tensor holds {t.dtype} values, expected floating point")
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"its {key} tensor holds {bad} NaN or infinite value(s)")

@@ -16,6 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .file_checks import check_file_tensors  # noqa: F401  (re-exported for the loaders)
+
 HSPACE_KEY = "z2i_hspace_call"
 
 
@@ -162,13 +164,3 @@ def check_file_header(shapes: dict, metadata: Optional[dict]) -> dict:
     if len(channels) > 1:
         raise ValueError(f"its parts have different channel counts {sorted(channels)}")
     return meta
-
-
-def check_file_tensors(tensors: dict) -> None:
-    """Floating-point and finite values only (a NaN in delta_h turns the edited image NaN/black)."""
-    for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise ValueError(f"its {key} tensor holds {t.dtype} values, expected floating point")
-        if not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"its {key} tensor holds {bad} NaN or infinite value(s)")

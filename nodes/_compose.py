@@ -11,8 +11,8 @@ Two things break a backward pass through a ComfyUI UNet call that plain sampling
   in place after saving it. `guard_inplace` returns a copy of the model options in which (a) a first
   `input_block_patch_after_skip` hands the next input block a clone of h, so the tensor kept for the skip
   connection is no longer one the backward pass needs, and (b) every foreign patch function runs, when
-  gradients are on, under a saved-tensors hook that stores copies of what it saves for backward (parameters
-  excepted), so its own in-place writes cannot invalidate them. Values are unchanged (tests compare guarded
+  gradients are on, under a saved-tensors hook that stores copies of the activations it saves for backward
+  (tensors that need a gradient; weights and constants are kept as they are), so its own in-place writes cannot invalidate them. Values are unchanged (tests compare guarded
   and plain calls); nothing is cloned when gradients are off, so unguided calls cost nothing more.
 Neither touches the MODEL or the conditioning: both act on the per-run objects a sampler already holds.
 """
@@ -68,7 +68,9 @@ def _patch_functions(to: dict):
 
 
 def _pack(t: torch.Tensor):
-    return t if isinstance(t, torch.nn.Parameter) else t.clone()
+    # only activations of the graph can be rewritten in place by a later step of the same call; weights and
+    # other constants (which need no gradient) are kept as they are, not copied on every guided call
+    return t.clone() if t.requires_grad else t
 
 
 def _unpack(t):

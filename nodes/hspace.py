@@ -166,14 +166,14 @@ def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, i
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         xi = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
-        parts, d = [], []
+        parts, denoised = [], []
         for xr in ([xi] if whole else xi.split(1)):
             captured.clear()
-            d.append(comfy.samplers.calc_cond_batch(base, conds, xr, sigma * xr.new_ones([xr.shape[0]]), mo)[0])
+            denoised.append(comfy.samplers.calc_cond_batch(base, conds, xr, sigma * xr.new_ones([xr.shape[0]]),
+                                                           mo)[0])
             parts.append(per_image(captured[0], xr.shape[0]) - per_image(captured[1], xr.shape[0]))
         diffs.append(torch.cat(parts))
-        d = [torch.cat(d)]
-        cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d[0]})
+        cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": torch.cat(denoised)})
     out.append(torch.stack(diffs).mean(0))
     return x
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from z2i.tests import test_agg_nodes, test_asyrp_nodes, test_csg_nodes, test_pix2pix_zero
+from z2i.tests.test_agg_nodes import lora_file  # noqa: F401  (fixture: writes the test LoRA)
 
 pytestmark = pytest.mark.host
 
@@ -132,7 +133,17 @@ def foreign_attn2(model):
     return m
 
 
+def splice_lora(p):
+    """LoraLoaderModelOnly on the sampler's MODEL (the LoRA written by test_agg_nodes' lora_file fixture)."""
+    p["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": _model_input(p),
+                                                                 "lora_name": "z2i_test_lora.safetensors",
+                                                                 "strength_model": 1.0}}
+    p["s"]["inputs"]["model"] = ["lora", 0]
+    return p
+
+
 PATCHES = {
+    "LoRA": splice_lora,
     "GLIGEN": splice_gligen,
     "attn2 replace of another pack": foreign_attn2,
     "regional prompt (ConditioningSetArea)": splice_area,
@@ -142,7 +153,7 @@ PATCHES = {
     "FreeU_V2": freeu_v2,            # a model patch: applied to the MODEL the sampler gets (see _samples)
 }
 GRAPH_PATCHES = ("ControlNet", "two ControlNets chained", "regional prompt (ConditioningSetArea)",
-                 "prompts of different lengths", "GLIGEN")
+                 "prompts of different lengths", "GLIGEN", "LoRA")
 
 
 def _samples(host, p, model_patch=None):
@@ -176,7 +187,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("patch", list(PATCHES))
 @pytest.mark.parametrize("method", list(METHODS))
-def test_method_composes_with_patch(host, checkpoints, method, patch):
+def test_method_composes_with_patch(host, checkpoints, method, patch, lora_file):
     build, off_key, off_value = METHODS[method]
     ckpt = checkpoints["sd15"]
     graph_patch = patch in GRAPH_PATCHES
