@@ -86,12 +86,14 @@ class AGGSampler(io.ComfyNode):
             display_name="AGG Sampler (Z2I)",
             category="Z2I/sampling",
             description=(
-                "Asymmetric Gradient Guidance (Kwon & Ye 2023), latent-diffusion form: sample the inverted image "
-                "with the target prompt while an L1 loss to the inversion's x0 estimates at the same timestep "
-                "keeps the structure. Each guided step takes one gradient through the UNet (MCG), refines x0 with "
+                "Edits your inverted image toward the target prompt (a new style or content) while a structure "
+                "loss keeps it close to the original's layout; optionally a CLIP text loss sets the style. It "
+                "samples the inverted image with the target prompt while an L1 loss to the inversion's x0 "
+                "estimates at the same timestep keeps the structure. Each guided step takes one gradient through the UNet (MCG), refines x0 with "
                 "AdamW without the UNet (DDS), and puts the result in DDIM's x0 term only, keeping the original "
                 "eps in the direction term. SamplerCustom: add_noise off, the inversion's noise and sigmas, "
-                "positive = target prompt."),
+                "positive = target prompt. Reference: Asymmetric Gradient Guidance, AGG (Kwon & Ye 2023), in "
+                "its latent-diffusion form."),
             inputs=[
                 InversionType.Input("inversion", tooltip="From DDIM Inversion: the x0* targets."),
                 io.Float.Input("lambda_reg", default=0.1, min=0.0, max=1000.0, step=0.01,
@@ -129,7 +131,9 @@ class AGGSampler(io.ComfyNode):
                              tooltip="Random crops of decoded x0 seen by CLIP per evaluation (the AGG code: 8); "
                                      "0 = the whole image. Crops follow the sampler node's noise_seed."),
             ],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="The AGG sampler, for SamplerCustom's sampler input (with the "
+                                               "inversion's noise as latent_image and its sigmas).")],
             is_experimental=True,
         )
 

@@ -146,6 +146,8 @@ class GuidedCalls:
 
 
 FORMS = {"both halves (official code)": "code", "single latent (paper Alg. 1)": "single"}
+SAMPLER_TIP = ("The guided sampler, for SamplerCustom's sampler input (with the inversion's noise as latent_image "
+               "and its sigmas).")
 FORM_TOOLTIP = ("'both halves (official code)': as the authors' code and diffusers do (what the paper's figures "
                 "show): the caption half and the edited half each take their own gradient step, eps is "
                 "re-evaluated at both and mixed by CFG. 'single latent (paper Alg. 1)': one latent guided by the "
@@ -193,13 +195,14 @@ class Pix2PixZeroSampler(io.ComfyNode):
             display_name="pix2pix-zero Sampler (Z2I)",
             category="Z2I/sampling",
             description=(
-                "pix2pix-zero (Parmar et al. 2023, Alg. 1): edits an inverted image with cross-attention "
-                "guidance. Wire SamplerCustom with add_noise off, the inversion's noise and sigmas, positive = "
-                "the caption with the edit direction applied, negative = the caption itself, cfg about 5. "
+                "Edits your inverted image toward the edited prompt (cat -> dog) while keeping its layout and "
+                "details in place. Wire SamplerCustom with add_noise off, the inversion's noise and sigmas, "
+                "positive = the caption with the edit direction applied, negative = the caption itself, cfg about 5. "
                 "Each step a CFG-neutral reference branch (the caption) runs beside the edit, and the edit takes "
                 "one gradient step toward the reference's cross-attention maps, keeping the structure. By default "
                 "both CFG halves are guided as the authors' code and diffusers do; give the inversion's 'diffusers "
-                "(exact)' variant and cfg equal to diffusers' guidance_scale to reproduce diffusers' pipeline."),
+                "(exact)' variant and cfg equal to diffusers' guidance_scale to reproduce diffusers' pipeline. "
+                "Reference: pix2pix-zero (Parmar et al. 2023), Alg. 1 and the official code."),
             inputs=[
                 io.Float.Input("xa_guidance", default=0.1, min=0.0, max=10.0, step=0.01,
                                tooltip="lambda_xa, the gradient step size in the paper's latent units "
@@ -215,7 +218,7 @@ class Pix2PixZeroSampler(io.ComfyNode):
                                tooltip=FORM_TOOLTIP),
                 InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip=SAMPLER_TIP)],
             is_experimental=True,
         )
 
@@ -239,10 +242,12 @@ class Pix2PixZeroConSampler(io.ComfyNode):
             display_name="pix2pix-zeroCon Sampler (Z2I)",
             category="Z2I/sampling",
             description=(
-                "pix2pix-zeroCon (Si et al., Eq. 14-18): pix2pix-zero's lockstep guidance plus a PatchNCE "
-                "contrastive loss between UNet features of the reference and the edit at the same locations "
-                "(CUT), L = lambda_c * L_xa + lambda_e * L_PatchNCE, one latent gradient step of size lambda per "
-                "step. Wire it like the pix2pix-zero sampler."),
+                "Edits your inverted image like the pix2pix-zero sampler and also matches the edit's local "
+                "features to the original's, patch by patch, to hold its content in place more firmly. It adds "
+                "a PatchNCE contrastive loss between UNet features of the reference and the edit at the same "
+                "locations (CUT) to pix2pix-zero's lockstep guidance, L = lambda_c * L_xa + lambda_e * "
+                "L_PatchNCE, one latent gradient step of size lambda per step. Wire it like the pix2pix-zero "
+                "sampler. Reference: pix2pix-zeroCon (Si et al.), Eq. 14-18."),
             inputs=[
                 io.Float.Input("lambda_step", default=0.1, min=0.0, max=10.0, step=0.01,
                                tooltip="lambda of Eq. 18, the latent step size in the paper's units (p2p-zero: "
@@ -267,7 +272,7 @@ class Pix2PixZeroConSampler(io.ComfyNode):
                                tooltip=FORM_TOOLTIP),
                 InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler", tooltip=SAMPLER_TIP)],
             is_experimental=True,
         )
 

@@ -74,8 +74,9 @@ class BLIPCaption(io.ComfyNode):
             node_id="Z2I_BLIPCaption",
             display_name="BLIP Caption (Z2I)",
             category="Z2I/conditioning",
-            description=("Captions each image with a BLIP model saved in models/blip/<name>/ (transformers "
-                         "format, local files only). pix2pix-zero uses the caption as the source prompt for "
+            description=("Writes a caption for each image, the source prompt an edit starts from. It uses a "
+                         "BLIP model saved in models/blip/<name>/ (transformers format, local files only). "
+                         "pix2pix-zero uses the caption as the source prompt for "
                          "inversion and as the negative prompt while editing. Greedy or beam decoding: "
                          "deterministic. A batch of images gives a LIST of captions: ComfyUI then runs every "
                          "downstream node once per caption, each over the whole image batch, so with several "

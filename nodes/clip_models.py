@@ -193,9 +193,9 @@ class OpenCLIPLoader(io.ComfyNode):
             display_name="Load open_clip for CLIP Losses (Z2I)",
             category="Z2I/loaders",
             description=(
-                "Loads an open_clip model from models/open_clip for the CLIP losses on decoded images: AGG's "
-                "text style loss and Asyrp direction training. Not the Stable Diffusion text encoder. Weights are "
-                "read from disk only."),
+                "Loads an open_clip model that judges how well an image matches a text, for AGG's text style "
+                "loss and for training h-space directions. It is read from models/open_clip (from disk only, "
+                "nothing downloaded) and is not the Stable Diffusion text encoder."),
             inputs=[
                 io.Combo.Input("name", options=folder_paths.get_filename_list(OPEN_CLIP),
                                tooltip=f"Weights in models/{OPEN_CLIP} (safetensors preferred)."),
@@ -204,7 +204,9 @@ class OpenCLIPLoader(io.ComfyNode):
                                        "folder locations); 'auto' reads name.json or open_clip_config.json beside "
                                        "the weights."),
             ],
-            outputs=[ClipLossModelType.Output(display_name="clip_loss_model")],
+            outputs=[ClipLossModelType.Output(
+                display_name="clip_loss_model",
+                tooltip="The open_clip model, for the AGG Sampler's style_clip or Train h-space Direction.")],
         )
 
     @classmethod

@@ -128,11 +128,13 @@ class CSGMask(io.ComfyNode):
             display_name="CSG Content Mask (Z2I)",
             category="Z2I/masks",
             description=(
-                "CSG (Lee et al. 2023) Eq. 11-12: where the object named by 'word' is. Re-runs the UNet on the "
+                "Finds where the thing named by 'word' (e.g. cat) is in your inverted image and marks the rest as "
+                "background to keep, for Cross-Attention Mixup and the CSG Sampler. Re-runs the UNet on the "
                 "inversion's trajectory with the caption, averages the word's cross-attention maps over time "
                 "(max-normalised per step), smooths them with the time-averaged self-attention, and returns the "
                 "background probability P = 1 - M as a MASK (white = background, kept) plus the object map as an "
-                "IMAGE to look at. Feed the MASK to Cross-Attention Mixup and CSG Sampler."),
+                "IMAGE to look at. Feed the MASK to Cross-Attention Mixup and CSG Sampler. Reference: CSG (Lee "
+                "et al. 2023), Eq. 11-12."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the image was inverted with."),
                 io.Clip.Input("clip", tooltip="Its CLIP, to find the word's tokens in the caption."),
@@ -147,10 +149,14 @@ class CSGMask(io.ComfyNode):
                                      "full, as the code; falls back to the finest layer that exists). Its map is "
                                      "(HW)^2: use 1 to save memory on large images."),
             ],
-            outputs=[io.Mask.Output(display_name="background", tooltip="P = 1 - M_hat at image resolution."),
-                     io.Image.Output(display_name="object_map", tooltip="M_hat, the smoothed word map."),
-                     io.Image.Output(display_name="word_map", tooltip="The time-averaged word map before "
-                                                                      "self-attention smoothing.")],
+            outputs=[io.Mask.Output(display_name="background",
+                                    tooltip="White = background to keep, dark = the object to edit, at image "
+                                            "resolution (P = 1 - M_hat). For Cross-Attention Mixup and CSG Sampler."),
+                     io.Image.Output(display_name="object_map",
+                                     tooltip="Where the word's object is (white), smoothed: M_hat, to preview."),
+                     io.Image.Output(display_name="word_map",
+                                     tooltip="The time-averaged word map before self-attention smoothing, to "
+                                             "preview.")],
             is_experimental=True,
         )
 
@@ -189,12 +195,14 @@ class CrossAttentionMixup(io.ComfyNode):
             display_name="Cross-Attention Mixup (Z2I)",
             category="Z2I/model_patches",
             description=(
-                "CSG Eq. 13 as a model patch: in every cross-attention layer the target prompt's maps become "
+                "Patches the model so that, in the CSG Sampler, the background keeps the original image's "
+                "attention to the prompt while the object follows the new prompt. In every cross-attention layer the "
+                "target prompt's maps become "
                 "M_src * P + M_tgt * (1 - P), P the background mask resized to the layer, so the background "
                 "attends as in the source. By default the object mask 1 - P is divided by its maximum at each "
                 "layer, as the authors' code does, so the object's peak takes the target maps alone. "
                 "The source maps come from the CSG Sampler's lockstep source branch; with other samplers the "
-                "patch is plain attention."),
+                "patch is plain attention. Reference: CSG (Lee et al. 2023), Eq. 13, and the official code."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a clone is returned; the input is untouched)."),
                 io.Mask.Input("background", tooltip="Background probability P (CSG Content Mask). 1 = source maps, "
@@ -216,7 +224,9 @@ class CrossAttentionMixup(io.ComfyNode):
                                        "CSG Content Mask's object peak is well below 1, so some source maps "
                                        "enter the object too (a weaker edit)."),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="The patched model, for the model input of the SamplerCustom that runs "
+                                             "the CSG Sampler.")],
             is_experimental=True,
         )
 
@@ -315,13 +325,15 @@ class CSGSampler(io.ComfyNode):
             display_name="CSG Sampler (Z2I)",
             category="Z2I/sampling",
             description=(
-                "Conditional Score Guidance (Lee et al. 2023, Eq. 18): DDIM from the inverted noise with the "
+                "Edits the object named in the new prompt (cat -> dog) while pulling the background back toward "
+                "your original image at every step, without backpropagation. DDIM from the inverted noise with the "
                 "word-swapped caption, pulling background pixels toward the source trajectory with the Gaussian "
                 "posterior term -gamma_t * Omega_t * (x_t - x_t^src); no backpropagation. With a MODEL patched by "
                 "Cross-Attention Mixup it also runs the source branch in lockstep to mix the maps (Eq. 13). "
                 "SamplerCustom: add_noise off, the inversion's noise and sigmas, positive = target caption, "
                 "negative = source caption, cfg about 5. Ours, not the paper: with a hard (binary) mask the "
-                "pull is capped at 1, where Eq. 18 as written diverges (hard_mask_guard)."),
+                "pull is capped at 1, where Eq. 18 as written diverges (hard_mask_guard). Reference: Conditional "
+                "Score Guidance, CSG (Lee et al. 2023), Eq. 18."),
             inputs=[
                 InversionType.Input("inversion", tooltip="From DDIM Inversion: the source trajectory x_t^src."),
                 io.Mask.Input("background", tooltip="Background probability P (CSG Content Mask)."),
@@ -343,7 +355,9 @@ class CSGSampler(io.ComfyNode):
                                          "masks (CSG Content Mask) are left to the paper's Eq. 18: with 50 steps "
                                          "they leave B_t before the pull grows. Off = Eq. 18 as written."),
             ],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="The CSG sampler, for SamplerCustom's sampler input (with the "
+                                               "inversion's noise as latent_image and its sigmas).")],
             is_experimental=True,
         )
 

@@ -73,11 +73,12 @@ class EditDirectionNode(io.ComfyNode):
             display_name="Edit Direction (Z2I)",
             category="Z2I/conditioning",
             description=(
-                "pix2pix-zero (section 3.2): the edit as a direction in text-embedding space, the mean CLIP "
+                "Turns a change of words, such as cat -> dog, into an edit direction that Apply Edit Direction "
+                "adds to your image's caption. The direction lives in text-embedding space: the mean CLIP "
                 "embedding of many target sentences minus that of many source sentences. Use the CLIP loaded "
                 "with the checkpoint (after CLIPSetLastLayer if you use it). Without your own sentences, a "
                 f"built-in bank of {len(TEMPLATES)} caption templates is filled with each word in the same "
-                "order, so only the word differs on average."),
+                "order, so only the word differs on average. Reference: pix2pix-zero section 3.2."),
             inputs=[
                 io.Clip.Input("clip", tooltip="The checkpoint's CLIP, exactly as it encodes your prompts."),
                 io.String.Input("source", default="cat", tooltip="The word or phrase to change (e.g. 'cat')."),
@@ -97,7 +98,9 @@ class EditDirectionNode(io.ComfyNode):
                 io.Combo.Input("target_file", options=files, default=NO_FILE, optional=True,
                                tooltip=f"A .txt of target sentences from models/{SENTENCES} (one per line)."),
             ],
-            outputs=[EditDirectionType.Output(display_name="direction")],
+            outputs=[EditDirectionType.Output(
+                display_name="direction",
+                tooltip="The edit (target minus source), for Apply Edit Direction or Save Edit Direction.")],
         )
 
     @classmethod
@@ -126,8 +129,11 @@ class ApplyEditDirection(io.ComfyNode):
             node_id="Z2I_ApplyEditDirection",
             display_name="Apply Edit Direction (Z2I)",
             category="Z2I/conditioning",
-            description="pix2pix-zero: c_edit = c + strength * delta_c on every 77-token chunk of the prompt "
-                        "(and on SDXL's pooled vector). Use on the positive (source caption) conditioning.",
+            description="Adds an edit direction to your image's caption, turning it into the edited prompt "
+                        "(a photo of a cat -> a photo of a dog) for the editing sampler's positive input. "
+                        "Computes c_edit = c + strength * delta_c on every 77-token chunk of the prompt (and on "
+                        "SDXL's pooled vector), as pix2pix-zero does. Use on the positive (source caption) "
+                        "conditioning.",
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="The source caption's conditioning."),
                 EditDirectionType.Input("direction", tooltip="From Edit Direction or Load Edit Direction."),
@@ -139,7 +145,10 @@ class ApplyEditDirection(io.ComfyNode):
                                       "not record its clip skip (CLIPSetLastLayer); with this connected, a "
                                       "direction built at another clip skip is refused instead of applied."),
             ],
-            outputs=[io.Conditioning.Output(display_name="conditioning")],
+            outputs=[io.Conditioning.Output(
+                display_name="conditioning",
+                tooltip="The caption with the edit applied: the positive prompt of the editing sampler (keep the "
+                        "plain caption as its negative).")],
         )
 
     @classmethod
@@ -188,7 +197,8 @@ class SaveEditDirection(io.ComfyNode):
             node_id="Z2I_SaveEditDirection",
             display_name="Save Edit Direction (Z2I)",
             category="Z2I/conditioning",
-            description=f"Writes a direction to models/{DIRECTIONS} as safetensors with its metadata (encoder, "
+            description=f"Saves an edit direction to a file, so you can reuse it later without encoding the "
+                        f"sentences again. Writes models/{DIRECTIONS} as safetensors with its metadata (encoder, "
                         "width, clip skip, words, sentence counts). Never overwrites: a counter is added.",
             inputs=[
                 EditDirectionType.Input("direction", tooltip="The direction to save."),
@@ -218,11 +228,13 @@ class LoadEditDirection(io.ComfyNode):
             node_id="Z2I_LoadEditDirection",
             display_name="Load Edit Direction (Z2I)",
             category="Z2I/conditioning",
-            description=f"Reads a direction saved by Save Edit Direction from models/{DIRECTIONS} (safetensors, "
-                        "no pickle).",
+            description=f"Loads an edit direction you saved earlier, ready for Apply Edit Direction. Reads a "
+                        f"direction saved by Save Edit Direction from models/{DIRECTIONS} (safetensors, no "
+                        "pickle).",
             inputs=[io.Combo.Input("name", options=folder_paths.get_filename_list(DIRECTIONS),
                                    tooltip=f"A file in models/{DIRECTIONS}.")],
-            outputs=[EditDirectionType.Output(display_name="direction")],
+            outputs=[EditDirectionType.Output(display_name="direction",
+                                              tooltip="The saved edit direction, for Apply Edit Direction.")],
         )
 
     @classmethod

@@ -113,10 +113,12 @@ class AsyrpSampler(io.ComfyNode):
             display_name="Asyrp Sampler (Z2I)",
             category="Z2I/sampling",
             description=(
-                "Asyrp (Kwon et al. 2023, Eq. 8-9): adds a direction delta_h to the UNet middle-block output "
-                "(h-space) and uses the edited prediction only in DDIM's x0 term (asymmetric), for the first "
-                "part of the schedule; then plain DDIM; then optional eta=1 quality boosting. Use with "
-                "SamplerCustom from an inverted latent (add_noise off) or from noise."),
+                "Applies an h-space direction (such as 'smiling') to your inverted image: it nudges the UNet's "
+                "middle layer during the early steps, then finishes with plain DDIM. It adds a direction delta_h "
+                "to the UNet middle-block output (h-space) and uses the edited prediction only in DDIM's x0 term "
+                "(asymmetric), for the first part of the schedule; then plain DDIM; then optional eta=1 quality "
+                "boosting. Use with SamplerCustom from an inverted latent (add_noise off) or from noise. "
+                "Reference: Asyrp (Kwon et al. 2023), Eq. 8-9."),
             inputs=[
                 HDirectionType.Input("direction", tooltip="From h-space Direction From Prompts, Combine or Load."),
                 io.Float.Input("scale", default=1.0, min=-20.0, max=20.0, step=0.05,
@@ -132,7 +134,9 @@ class AsyrpSampler(io.ComfyNode):
                                        "Boosting adds seeded noise (the sampler node's noise_seed)."),
                 InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="The Asyrp sampler, for SamplerCustom's sampler input (with the "
+                                               "inversion's noise as latent_image and its sigmas).")],
             is_experimental=True,
         )
 
@@ -186,10 +190,12 @@ class HDirectionFromPrompts(io.ComfyNode):
             display_name="h-space Direction From Prompts (Z2I)",
             category="Z2I/hspace",
             description=(
-                "A training-free Asyrp direction (ours, not from the paper): the mean over the inversion trajectory "
-                "of the middle-block output with the target prompt minus that with the source prompt (the caption "
-                "used to invert). For a batch: one direction per image (each image is edited as it would be "
-                "alone), or their mean (one direction to reuse on other images)."),
+                "Makes an h-space edit direction for the Asyrp Sampler from a target prompt, without training: "
+                "how the UNet's middle layer changes when the prompt goes from your caption to the target. It is "
+                "the mean over the inversion trajectory of the middle-block output with the target prompt minus "
+                "that with the source prompt (the caption used to invert). For a batch: one direction per image "
+                "(each image is edited as it would be alone), or their mean (one direction to reuse on other "
+                "images). Ours, not from the Asyrp paper (Kwon et al. 2023), which trains its directions."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the image was inverted with."),
                 InversionType.Input("inversion", tooltip="From DDIM Inversion; its prompt is the source."),
@@ -201,7 +207,8 @@ class HDirectionFromPrompts(io.ComfyNode):
                                        "needs that same batch) or the mean over the images (one direction for "
                                        "any image). Same result for one image."),
             ],
-            outputs=[HDirectionType.Output(display_name="direction")],
+            outputs=[HDirectionType.Output(display_name="direction",
+                                           tooltip="The h-space direction, for the Asyrp Sampler, Combine or Save.")],
             is_experimental=True,
         )
 
@@ -295,12 +302,13 @@ class HDirectionTrain(io.ComfyNode):
             display_name="Train h-space Direction (Z2I)",
             category="Z2I/hspace",
             description=(
-                "Learns an Asyrp direction from your images (Alg. 2, Eq. 7): each image is DDIM-inverted, then "
+                "Trains an h-space edit direction on your images, so that the Asyrp Sampler moves a picture from "
+                "source_text to target_text (e.g. a face -> a smiling face). Each image is DDIM-inverted, then "
                 "over the editing interval delta_h is optimised so that the decoded x0 moves along the CLIP "
                 "text direction source -> target (directional CLIP loss, open_clip) while an L1 term keeps it "
-                "close to the unedited x0. Either the paper's implicit function f_t (App. E) or one global "
-                "delta_h. Seeded, interruptible, with progress. Slow: every step backpropagates through the UNet "
-                "decoder half, the VAE decoder and CLIP."),
+                "close to the unedited x0. Either the paper's implicit function f_t or one global delta_h. "
+                "Seeded, interruptible, with progress. Slow: every step backpropagates through the UNet decoder "
+                "half, the VAE decoder and CLIP. Reference: Asyrp (Kwon et al. 2023), Alg. 2, Eq. 7, App. E."),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.x/SD2.x/SDXL model (LoRA and other patches apply)."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE: the loss sees decoded x0 images."),
@@ -344,8 +352,12 @@ class HDirectionTrain(io.ComfyNode):
                                        "'Adam' (ours, default): Adam lr 0.05, constant, insensitive to the "
                                        "gradient scale."),
             ],
-            outputs=[HDirectionType.Output(display_name="direction"),
-                     io.String.Output(display_name="report")],
+            outputs=[HDirectionType.Output(display_name="direction",
+                                           tooltip="The trained h-space direction, for the Asyrp Sampler (save it "
+                                                   "with Save h-space Direction: training is slow)."),
+                     io.String.Output(display_name="report",
+                                      tooltip="The loss per iteration (total, CLIP and L1 parts, learning rate), "
+                                              "to check that training went down.")],
             is_experimental=True,
         )
 
@@ -406,7 +418,9 @@ class HDirectionCombine(io.ComfyNode):
             node_id="Z2I_HDirectionCombine",
             display_name="Combine h-space Directions (Z2I)",
             category="Z2I/hspace",
-            description="a * coef_a + b * coef_b: Asyrp directions are linear and add up (section 5.2).",
+            description="Mixes two h-space directions with weights, e.g. smiling + glasses, or scales or "
+                        "reverses one (a negative coefficient). Computes a * coef_a + b * coef_b: Asyrp directions "
+                        "are linear and add up (Kwon et al. 2023, section 5.2).",
             inputs=[
                 HDirectionType.Input("a", tooltip="First direction."),
                 io.Float.Input("coef_a", default=1.0, min=-20.0, max=20.0, step=0.05, tooltip="Its coefficient."),
@@ -414,7 +428,8 @@ class HDirectionCombine(io.ComfyNode):
                 io.Float.Input("coef_b", default=1.0, min=-20.0, max=20.0, step=0.05, optional=True,
                                tooltip="Its coefficient."),
             ],
-            outputs=[HDirectionType.Output(display_name="direction")],
+            outputs=[HDirectionType.Output(display_name="direction",
+                                           tooltip="The combined direction, for the Asyrp Sampler or Save.")],
         )
 
     @classmethod
@@ -439,7 +454,9 @@ class SaveHDirection(io.ComfyNode):
             node_id="Z2I_SaveHDirection",
             display_name="Save h-space Direction (Z2I)",
             category="Z2I/hspace",
-            description=f"Writes a direction to models/{H_DIRS} (safetensors + metadata; never overwrites).",
+            description=f"Saves an h-space direction to a file, so you can reuse it (a trained one above all) "
+                        f"without deriving or training it again. Writes models/{H_DIRS} (safetensors + metadata; "
+                        "never overwrites).",
             inputs=[HDirectionType.Input("direction", tooltip="The direction to save."),
                     io.String.Input("filename", default="smile",
                                     tooltip=f"Name inside models/{H_DIRS} (folders and '..' are dropped: only the "
@@ -466,10 +483,12 @@ class LoadHDirection(io.ComfyNode):
             node_id="Z2I_LoadHDirection",
             display_name="Load h-space Direction (Z2I)",
             category="Z2I/hspace",
-            description=f"Reads a direction from models/{H_DIRS} (safetensors, no pickle).",
+            description=f"Loads an h-space direction you saved earlier, ready for the Asyrp Sampler or Combine. "
+                        f"Reads models/{H_DIRS} (safetensors, no pickle).",
             inputs=[io.Combo.Input("name", options=folder_paths.get_filename_list(H_DIRS),
                                    tooltip=f"A file in models/{H_DIRS}.")],
-            outputs=[HDirectionType.Output(display_name="direction")],
+            outputs=[HDirectionType.Output(display_name="direction",
+                                           tooltip="The saved direction, for the Asyrp Sampler or Combine.")],
         )
 
     @classmethod

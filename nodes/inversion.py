@@ -33,11 +33,12 @@ class DDIMInversion(io.ComfyNode):
             display_name="DDIM Inversion (Z2I)",
             category="Z2I/inversion",
             description=(
-                "DDIM inversion (pix2pix-zero section 3.1, CSG section 3.1): runs the deterministic DDIM update "
-                "up the noise schedule so that DDIM sampling from the returned noise reconstructs the input. "
-                "Feed 'noise' to SamplerCustom with add_noise off, cfg 1, the same prompt, the Z2I DDIM "
-                "sampler and 'sigmas'. The INVERSION output carries the whole trajectory for the editing "
-                "methods. Optional pix2pix-zero noise regularisation keeps the noise Gaussian (more editable)."),
+                "Finds the noise that recreates your image, so an edit can start from it. It runs the "
+                "deterministic DDIM update up the noise schedule so that DDIM sampling from the returned noise "
+                "reconstructs the input. Feed 'noise' to SamplerCustom with add_noise off, cfg 1, the same "
+                "prompt, the Z2I DDIM sampler and 'sigmas'. The INVERSION output carries the whole trajectory "
+                "for the editing methods. Optional pix2pix-zero noise regularisation keeps the noise Gaussian "
+                "(more editable). References: pix2pix-zero section 3.1, CSG section 3.1."),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x (v-prediction) or SDXL model."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: a caption of the input image."),

@@ -30,11 +30,12 @@ class DDIMSampler(io.ComfyNode):
             display_name="DDIM Sampler (Z2I)",
             category="Z2I/sampling",
             description=(
-                "DDIM (Song et al. 2021, arXiv:2010.02502), written out as the DDIM update itself rather "
-                "than core's Euler alias, so eta interpolates between deterministic DDIM (0) and "
-                "DDPM-like sampling (1). Use with SamplerCustom or SamplerCustomAdvanced and any "
-                "SIGMAS (BasicScheduler with 'ddim_uniform' gives the papers' timesteps). With eta 0 it "
-                "exactly reverses Z2I DDIM inversion."),
+                "A sampler for SamplerCustom that takes true DDIM steps: at eta 0 it turns the noise from DDIM "
+                "Inversion back into your image (with an edited prompt: into a plain, unguided edit of "
+                "it). eta interpolates between deterministic DDIM (0) and DDPM-like sampling (1). Use with "
+                "SamplerCustom or SamplerCustomAdvanced and any SIGMAS (BasicScheduler with 'ddim_uniform' gives "
+                "the papers' timesteps). Written out as the DDIM update itself (Song et al. 2021, "
+                "arXiv:2010.02502) rather than core's Euler alias."),
             inputs=[
                 io.Float.Input(
                     "eta", default=0.0, min=0.0, max=1.0, step=0.01, round=False,
@@ -43,7 +44,9 @@ class DDIMSampler(io.ComfyNode):
                             "noise_seed, so results are reproducible."),
                 InversionType.Input("inversion", optional=True, tooltip=INVERSION_TIP),
             ],
-            outputs=[io.Sampler.Output(display_name="sampler")],
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="The DDIM sampler, for the sampler input of SamplerCustom or "
+                                               "SamplerCustomAdvanced.")],
         )
 
     @classmethod
