@@ -20,6 +20,20 @@ STANDARD_CKPT = "v1-5-pruned-emaonly.safetensors"
 EXAMPLE_IMAGE = "z2i_example.png"
 
 
+def swap_in(prompts: str, checkpoint: str = f"your SD1.x / SD2.x / SDXL checkpoint ({STANDARD_CKPT} is named "
+            "here)", extra: str = "") -> str:
+    """The closing paragraph every Note carries: what to swap in before a real run (image, checkpoint, prompts)."""
+    return ("\n\nSwap in:\n"
+            f"- Load Image: your picture. {EXAMPLE_IMAGE} is a placeholder the Z2I pack copies into ComfyUI's "
+            "input folder when it loads (a red square on a gradient), so that the workflow runs as shipped.\n"
+            f"- Load Checkpoint: {checkpoint}.\n"
+            f"- Prompts: {prompts}" + (f"\n- {extra}" if extra else ""))
+
+
+P2P_PROMPTS = ("the Source prompt (caption) describes your image and contains the word to change; Edit Direction "
+               "source / target are that word and what it becomes (cat -> dog here).")
+
+
 
 def inversion(positive: str, steps: int = 50, regularize: bool = False) -> dict:
     """The DDIM Inversion inputs every editing workflow shares (caption, VAE-encoded image, cfg 1)."""
@@ -28,20 +42,31 @@ def inversion(positive: str, steps: int = 50, regularize: bool = False) -> dict:
             "refine_iterations": 0, "regularize": regularize, "reg_lambda": 20.0, "reg_iterations": 5, "reg_seed": 0}
 
 
-def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: str) -> list:
+CAT_TO_DOG = ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
+                                                 "num_sentences": 100, "seed": 0})
+CAPTION = ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+           "Source prompt (caption)")
+# Save Edit Direction writes <filename>_00001.safetensors first (never overwrites; nodes/_host.save_unique).
+SAVED_DIRECTION = "cat_to_dog_00001.safetensors"
+
+
+def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: str, direction: tuple = CAT_TO_DOG,
+                       caption: tuple = CAPTION, extra: tuple = (), apply_clip: bool = False) -> list:
     """The pix2pix-zero family graph: caption inversion (regularised), cat -> dog edit direction on the caption,
-    SamplerCustom with the caption as negative (cfg 5), `sampler` the only difference between the methods."""
+    SamplerCustom with the caption as negative (cfg 5), `sampler` the only difference between the methods.
+    `direction` and `caption` (key "direction" / "pos") may come from other nodes; `extra` nodes go after the
+    image (their keys may feed `caption`). apply_clip connects Apply Edit Direction's clip (a loaded direction is
+    then checked against the text encoder)."""
     return [
         ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": ckpt}),
         ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-        ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-         "Source prompt (caption)"),
+        *extra,
+        caption,
         ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
         ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
-        ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": "cat", "target": "dog",
-                                            "num_sentences": 100, "seed": 0}),
+        direction,
         ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
-                                              "strength": 1.0}),
+                                              "strength": 1.0, **({"clip": ("ckpt", 1)} if apply_clip else {})}),
         ("sampler", sampler, sampler_inputs),
         ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
                                      "positive": ("edited", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
@@ -57,11 +82,10 @@ WORKFLOWS: dict[str, dict] = {
         "note": (
             "Z2I DDIM sampler: image-to-image with true DDIM steps (SDEdit-style).\n\n"
             "What to change:\n"
-            "- Load Checkpoint: any SD1.x / SD2.x / SDXL checkpoint.\n"
-            "- Load Image: your picture (any size divisible by 8 after VAE encoding).\n"
             "- BasicScheduler denoise: how far from the input the result may move (0.3-0.8).\n"
             "- DDIM Sampler eta: 0 = deterministic, 1 = DDPM-like (seeded by noise_seed).\n"
-            "- scheduler 'ddim_uniform' visits the same timesteps as diffusers' DDIM."),
+            "- scheduler 'ddim_uniform' visits the same timesteps as diffusers' DDIM."
+            + swap_in("the Positive prompt says what the result shows, the Negative prompt what to avoid.")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
@@ -84,12 +108,12 @@ WORKFLOWS: dict[str, dict] = {
             "Z2I DDIM inversion: invert a real image to noise, then sample it back.\n\n"
             "The reconstruction should match the input; every Z2I editing method starts from this inversion.\n"
             "What to change:\n"
-            "- Load Checkpoint: any SD1.x / SD2.x / SDXL checkpoint.\n"
-            "- Load Image: your picture; the source prompt: a caption of it.\n"
             "- steps: 50 (papers: 50-100); the sampler reuses the inversion's sigmas output.\n"
             "- refine_iterations 2-3 reconstructs more exactly (one extra UNet call per iteration).\n"
             "- regularize (pix2pix-zero) makes the noise more editable but reconstruction less exact.\n"
-            "- Keep cfg at 1 in both nodes: guidance breaks the inversion."),
+            "- Keep cfg at 1 in both nodes: guidance breaks the inversion."
+            + swap_in("the Source prompt (caption) describes your image; it drives both the inversion and the "
+                      "sampling.")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
@@ -113,8 +137,8 @@ WORKFLOWS: dict[str, dict] = {
             "caption (Apply Edit Direction).\n"
             "3. The pix2pix-zero sampler runs a reference branch with the caption beside the edit and steers the "
             "edit's cross-attention maps toward the reference's (xa_guidance 0.1, as the paper's code).\n\n"
-            "What to change: the image, its caption, the source/target words, strength, xa_guidance (raise by "
-            "0.05 if structure is lost), steps (50-100). Keep the caption as the negative prompt and cfg about 5."),
+            "What to change: strength, xa_guidance (raise by 0.05 if structure is lost), steps (50-100). Keep the "
+            "caption as the negative prompt and cfg about 5." + swap_in(P2P_PROMPTS)),
         "nodes": pix2pix_zero_nodes(
             STANDARD_CKPT, "Z2I_Pix2PixZeroSampler",
             {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_pix2pix_zero"),
@@ -130,7 +154,10 @@ WORKFLOWS: dict[str, dict] = {
             "trajectory (Eq. 18). No backpropagation: cheaper than pix2pix-zero.\n\n"
             "What to change: the image; the caption and the same caption with the word swapped; the word; "
             "lambda_pre (15 for real images, 5 for generated); steps 50 (with far fewer steps turn clamp_pull "
-            "on, the pull over-corrects). Keep the caption as the negative prompt, cfg about 5."),
+            "on, the pull over-corrects). Keep the caption as the negative prompt, cfg about 5."
+            + swap_in("the Source prompt (caption) describes your image and contains the word; the Target prompt "
+                      "is the same caption with the word swapped; CSG Content Mask (caption, word) and "
+                      "Cross-Attention Mixup (source / target prompt) repeat the same texts.")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
@@ -167,7 +194,9 @@ WORKFLOWS: dict[str, dict] = {
             "DDIM's x0 term only (asymmetric), for the first edit_until of the steps; optional eta=1 boosting "
             "at the end (boost_from < 1).\n\n"
             "What to change: the image and both prompts; scale (negative inverts the edit); edit_until "
-            "(0.3-0.6); steps. Save h-space Direction keeps a direction for reuse (Load / Combine)."),
+            "(0.3-0.6); steps. Save h-space Direction keeps a direction for reuse (Load / Combine)."
+            + swap_in("the Caption (source) is a plain caption of your image, the Target the same caption with "
+                      "the attribute (smiling here); Asyrp works best within one domain (faces, churches, dogs).")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
@@ -200,7 +229,10 @@ WORKFLOWS: dict[str, dict] = {
             "safetensors; architecture ViT-B-32). What to change: the training images (a batch of 20-100 similar "
             "images trains a reusable direction; LoadImage gives one), the two texts, iterations, lr, "
             "lambda_clip. Training backpropagates through the UNet decoder, the VAE decoder and CLIP: GPU only "
-            "for real sizes."),
+            "for real sizes."
+            + swap_in("the Caption is a neutral prompt for inversion and sampling; Train h-space Direction's "
+                      "source_text / target_text name the attribute change.",
+                      extra="Z2I OpenCLIP Loader: your open_clip weights in models/open_clip.")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("clip_model", "Z2I_OpenCLIPLoader", {"name": "open_clip_vit_b_32.safetensors",
@@ -231,7 +263,8 @@ WORKFLOWS: dict[str, dict] = {
             "cross-attention guidance uses every transformer block of every attention layer.\n\n"
             "What to change: the image (1024 px works best), its caption, the words, xa_guidance, steps. "
             "SDXL's cross-attention is far larger than SD1.5's: on small GPUs restrict 'layers' (e.g. "
-            "'middle,output') or use map_precision fp16."),
+            "'middle,output') or use map_precision fp16."
+            + swap_in(P2P_PROMPTS, checkpoint="your SDXL checkpoint (sd_xl_base_1.0.safetensors is named here)")),
         "nodes": pix2pix_zero_nodes(
             "sd_xl_base_1.0.safetensors", "Z2I_Pix2PixZeroSampler",
             {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_sdxl_pix2pix_zero"),
@@ -245,7 +278,9 @@ WORKFLOWS: dict[str, dict] = {
             "(DDS), used in DDIM's x0 term only (asymmetric).\n\n"
             "What to change: the image, both prompts, lambda_reg (higher keeps more structure; lower gives "
             "style transfer), guided_until (10-20 of 50 steps in the paper), eta (the paper: 0.8). Connect an "
-            "object mask (e.g. from CSG Content Mask, inverted) to guide only the background until masked_until."),
+            "object mask (e.g. from CSG Content Mask, inverted) to guide only the background until masked_until."
+            + swap_in("the Source prompt (caption) describes your image; the Target prompt is the same caption in "
+                      "the new style.")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
@@ -274,7 +309,10 @@ WORKFLOWS: dict[str, dict] = {
             "the inversion's x0 estimates keeps the structure; MCG + DDS + asymmetric update as in plain AGG.\n\n"
             "Needs an open_clip model in models/open_clip (e.g. ViT-B-32 weights as safetensors). What to change: "
             "style_target (and style_source), lambda_style against lambda_reg, guided_until, cutouts. Every guided "
-            "step decodes x0 and backpropagates through the VAE decoder and CLIP: use a GPU."),
+            "step decodes x0 and backpropagates through the VAE decoder and CLIP: use a GPU."
+            + swap_in("the Caption describes your image (both passes); the AGG sampler's style_source / "
+                      "style_target say the style change in words.",
+                      extra="Z2I OpenCLIP Loader: your open_clip weights in models/open_clip.")),
         "nodes": [
             ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
             ("clip_model", "Z2I_OpenCLIPLoader", {"name": "open_clip_vit_b_32.safetensors",
@@ -303,7 +341,7 @@ WORKFLOWS: dict[str, dict] = {
             "What to change: the image, its caption, the words; lambda_step (0.05-0.15; the paper finds smaller "
             "better), lambda_c / lambda_e (the weights of the two losses), feature_layers ('output' = decoder "
             "self-attention as the CDS code; 'input' = encoder, as the paper says). Keep the caption as the "
-            "negative prompt and cfg about 5."),
+            "negative prompt and cfg about 5." + swap_in(P2P_PROMPTS)),
         "nodes": pix2pix_zero_nodes(
             STANDARD_CKPT, "Z2I_Pix2PixZeroConSampler",
             {"lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output", "n_patches": 256,
@@ -314,13 +352,114 @@ WORKFLOWS: dict[str, dict] = {
             "pix2pix-zero without cross-attention guidance (the paper's ablation D): invert the image with its "
             "caption, add the cat -> dog edit direction to the caption's embedding, and sample back.\n\n"
             "What to change:\n"
-            "- Source prompt: a caption of your image (Z2I BLIP Caption can write it; it needs a BLIP "
-            "model in models/blip).\n"
-            "- Edit Direction: source and target words, or your own sentences; more sentences = smoother.\n"
+            "- Edit Direction: your own sentences instead of the words; more sentences = smoother.\n"
             "- strength: how far to edit (1 = the paper).\n"
             "- cfg 5 with the caption as negative prompt, as the pix2pix-zero code does.\n"
-            "- Without guidance the structure can drift; the guided pix2pix-zero workflow keeps it."),
+            "- Without guidance the structure can drift; the guided pix2pix-zero workflow keeps it."
+            + swap_in(P2P_PROMPTS + " The auto-caption workflow writes the caption with BLIP.")),
         "nodes": pix2pix_zero_nodes(STANDARD_CKPT, "Z2I_DDIMSampler", {"eta": 0.0}, "z2i_pix2pix_zero_naive"),
+    },
+    "z2i_pix2pix_zero_auto_caption": {
+        "note": (
+            "pix2pix-zero with an automatic caption: Z2I BLIP Caption writes the source prompt, as the "
+            "pix2pix-zero paper does (section 3), so only the words of the edit are typed.\n\n"
+            "1. BLIP Caption describes the image (Preview Any shows the caption); its text feeds the CLIP Text "
+            "Encode's text input (the text box is replaced by the link).\n"
+            "2. The image is inverted with that caption (regularised), the cat -> dog direction is added to it, "
+            "and the pix2pix-zero sampler edits with the caption as the negative prompt.\n\n"
+            "Needs a BLIP captioning model saved with transformers' save_pretrained in models/blip/<name>/ "
+            "(e.g. Salesforce/blip-image-captioning-base as models/blip/blip-image-captioning-base): the node "
+            "loads local files only, nothing is downloaded. prefix (e.g. 'a photo of a') steers the caption. "
+            "Captions are lists: caption one image per run."
+            + swap_in("none to type for the caption; Edit Direction source / target are the word to change and "
+                      "what it becomes (cat -> dog here). Check in Preview Any that the caption contains the "
+                      "source word.", extra="Z2I BLIP Caption model: the folder name of your BLIP model in "
+                      "models/blip.")),
+        "nodes": pix2pix_zero_nodes(
+            STANDARD_CKPT, "Z2I_Pix2PixZeroSampler",
+            {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"},
+            "z2i_pix2pix_zero_auto_caption",
+            extra=(("caption", "Z2I_BLIPCaption", {"image": ("image", 0), "model": "blip-image-captioning-base",
+                                                   "num_beams": 3, "max_new_tokens": 30, "prefix": ""}),
+                   ("show", "PreviewAny", {"source": ("caption", 0)}, "The caption")),
+            caption=("pos", "CLIPTextEncode", {"text": ("caption", 0), "clip": ("ckpt", 1)},
+                     "Source prompt (from the caption)")),
+    },
+    "z2i_edit_direction_save": {
+        "note": (
+            "Build an edit direction once and keep it: the pix2pix-zero cat -> dog edit, plus Save Edit "
+            "Direction, which writes the direction to models/edit_directions/cat_to_dog_00001.safetensors "
+            "(the next save becomes _00002: files are never overwritten).\n\n"
+            "Building a direction encodes num_sentences sentences per word with the checkpoint's CLIP (100 here; "
+            "thousands give a smoother direction). The saved file is reused by the workflow "
+            "z2i_edit_direction_reuse (Load Edit Direction), so that later edits skip that work. A direction "
+            "belongs to the text encoder it was built with: reuse it with the same checkpoint family and clip "
+            "skip.\n\n"
+            "What to change: filename (the saved name), the words or your own sentences, num_sentences."
+            + swap_in(P2P_PROMPTS)),
+        "nodes": [
+            *pix2pix_zero_nodes(STANDARD_CKPT, "Z2I_Pix2PixZeroSampler",
+                                {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"},
+                                "z2i_edit_direction_save"),
+            ("keep", "Z2I_SaveEditDirection", {"direction": ("direction", 0), "filename": "cat_to_dog"},
+             "Save the direction (models/edit_directions)")],
+    },
+    "z2i_edit_direction_reuse": {
+        "note": (
+            "Reuse a saved edit direction: Load Edit Direction reads a file written by Save Edit Direction "
+            "(run z2i_edit_direction_save once first: it writes models/edit_directions/" + SAVED_DIRECTION
+            + ") and pix2pix-zero applies it to a new image; no sentences are encoded.\n\n"
+            "Apply Edit Direction's clip input is connected, so a direction built with another text encoder or "
+            "clip skip is refused with a message instead of giving a silent wrong edit. strength scales the "
+            "edit (negative reverses it: dog -> cat).\n\n"
+            "What to change: Load Edit Direction name (press R to refresh the list after saving), strength, "
+            "xa_guidance."
+            + swap_in("the Source prompt (caption) describes your image and contains the direction's source "
+                      "word (cat here).", checkpoint=f"the checkpoint the direction was built with ({STANDARD_CKPT} "
+                      "is named here)")),
+        "nodes": pix2pix_zero_nodes(
+            STANDARD_CKPT, "Z2I_Pix2PixZeroSampler",
+            {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_edit_direction_reuse",
+            direction=("direction", "Z2I_LoadEditDirection", {"name": SAVED_DIRECTION}, "Load the saved direction"),
+            apply_clip=True),
+    },
+    "z2i_asyrp_combined": {
+        "note": (
+            "Asyrp with two h-space directions combined (Kwon et al. 2023, section 5.2: directions are linear "
+            "and add up).\n\n"
+            "1. Invert the image with a plain caption.\n"
+            "2. Two h-space Direction From Prompts nodes derive one direction each (smiling, with glasses) from "
+            "the same inversion.\n"
+            "3. Combine h-space Directions makes coef_a x a + coef_b x b; the Asyrp sampler applies the sum "
+            "asymmetrically for the first edit_until of the steps.\n\n"
+            "What to change: coef_a / coef_b (the weight of each attribute; negative removes it), scale, "
+            "edit_until. Load h-space Direction can replace either deriving node with a saved or trained "
+            "direction."
+            + swap_in("the Caption (source) is a plain caption of your image; Target A and Target B are the same "
+                      "caption with one attribute each.")),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("src", "CLIPTextEncode", {"text": "a photo of a face", "clip": ("ckpt", 1)}, "Caption (source)"),
+            ("tgt_a", "CLIPTextEncode", {"text": "a photo of a smiling face", "clip": ("ckpt", 1)}, "Target A"),
+            ("tgt_b", "CLIPTextEncode", {"text": "a photo of a face with glasses", "clip": ("ckpt", 1)},
+             "Target B"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", inversion("src", steps=40, regularize=False)),
+            ("dir_a", "Z2I_HDirectionFromPrompts", {"model": ("ckpt", 0), "inversion": ("invert", 1),
+                                                    "target": ("tgt_a", 0)}, "Direction A (smiling)"),
+            ("dir_b", "Z2I_HDirectionFromPrompts", {"model": ("ckpt", 0), "inversion": ("invert", 1),
+                                                    "target": ("tgt_b", 0)}, "Direction B (glasses)"),
+            ("combine", "Z2I_HDirectionCombine", {"a": ("dir_a", 0), "coef_a": 1.0, "b": ("dir_b", 0),
+                                                  "coef_b": 0.7}),
+            ("sampler", "Z2I_AsyrpSampler", {"direction": ("combine", 0), "scale": 1.0, "unit": "percent",
+                                             "edit_until": 0.5, "boost_from": 1.0}),
+            ("sample", "SamplerCustom", {"model": ("ckpt", 0), "add_noise": False, "noise_seed": 0, "cfg": 1.0,
+                                         "positive": ("src", 0), "negative": ("src", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_asyrp_combined"}),
+        ],
     },
 }
 
@@ -364,8 +503,8 @@ def build(name: str, spec: dict, node_info) -> dict:
                 if is_widget:
                     entry["widget"] = {"name": iname}
                 sockets.append(entry)
-                if is_widget:
-                    widgets.append(opts.get("default"))
+                if is_widget:  # the frontend keeps a value for a widget fed by a link; a STRING's is ""
+                    widgets.append(opts.get("default", "" if typ == "STRING" else None))
                 continue
             if is_widget:
                 if value is None:
@@ -380,7 +519,7 @@ def build(name: str, spec: dict, node_info) -> dict:
         d = depth[key]
         y = column_y.get(d, 80.0)
         outs = len(info["output"])
-        extra = {"LoadImage": 330, "CLIPTextEncode": 90, "SaveImage": 260, "PreviewImage": 260}.get(kind, 0)
+        extra = {"LoadImage": 330, "CLIPTextEncode": 90, "SaveImage": 260, "PreviewImage": 260, "PreviewAny": 120}.get(kind, 0)
         height = 40 + 26 * (max(len(sockets), outs) + len(widgets)) + extra
         column_y[d] = y + height + 70
         node = {"id": ids[key], "type": kind, "pos": [440 + 380 * d, y], "size": [330, height], "flags": {},

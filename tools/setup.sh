@@ -113,18 +113,12 @@ PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_c
 mkdir -p "$host/models/open_clip"
 "$python" tools/make_tiny_open_clip.py "$host/models/open_clip" >/dev/null
 
-# A small input image for the workflows (LoadImage reads ComfyUI's input folder).
-"$python" - "$host/input" <<'PY'
-import sys, pathlib
-import numpy as np
-from PIL import Image
-dest = pathlib.Path(sys.argv[1]) / "z2i_example.png"
-if not dest.exists():
-    y, x = np.mgrid[0:128, 0:128] / 127.0
-    img = np.stack([0.5 + 0.5 * np.sin(6 * x), 0.5 + 0.5 * np.cos(5 * y), x * y], -1)
-    img[40:90, 40:90] = [0.9, 0.3, 0.2]          # a square "object" on a smooth background
-    Image.fromarray((img * 255).astype("uint8")).save(dest)
-PY
+# The workflows' example image (examples/z2i_example.png) is NOT written here: the pack copies it into ComfyUI's
+# input folder when it loads (nodes/__init__.py), as on a user's stock ComfyUI. Earlier versions of this script
+# wrote their own copy; one that differs from the shipped file is removed so that the pack's copy is what runs.
+if [ -f "$host/input/z2i_example.png" ] && ! cmp -s "$host/input/z2i_example.png" examples/z2i_example.png; then
+  rm -f "$host/input/z2i_example.png"
+fi
 
 # -- 4. the browser test: Debian's Chromium and a pinned playwright (tests/test_frontend.py) ------------------
 # Kept out of tools/requirements-host.txt so that the cached venv's key does not change. `playwright install`
