@@ -1,8 +1,11 @@
 """Every shipped workflow loads and runs in ComfyUI's real frontend (comfyui-frontend-package 1.32.9).
 
 The real server serves its own frontend; Debian's Chromium, driven headless by playwright (set up by
-tools/setup.sh; `playwright install` is never run), opens it. For each workflows/*.json the page loads the
-file with `app.loadGraphData`, the test checks that every node type is registered and no node is red,
+tools/setup.sh; `playwright install` is never run), opens it. The server gets an input folder of its own that
+starts empty, as on a stock ComfyUI: the example image the workflows name must be the one the pack copied there
+when it loaded. For each workflows/*.json the page loads the
+file with `app.loadGraphData`, the test checks that every node type is registered, every Load Image finds its
+file in the server's list and no node is red,
 swaps in a tiny checkpoint and caps steps the way tests/test_workflows.py does, clicks the Run button,
 checks that the prompt the frontend sent equals our own UI->API conversion, and waits in /history for the
 image and in the page for its preview. The page's console must stay free of errors beyond the allow-list
@@ -25,7 +28,8 @@ import pytest
 
 from z2i.headless.workflow import FRONTEND_ONLY, ui_to_api
 from z2i.tests.helpers import ComfyServer
-from z2i.tests.test_workflows import CAPS, SWAPS, WORKFLOWS, _prepare, tiny_checkpoint_for
+from z2i.tests.test_workflows import (CAPS, EXAMPLE_IMAGE, SWAPS, WORKFLOWS, _prepare, ensure_tiny_models,
+                                      tiny_checkpoint_for)
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "docs" / "screenshots"
@@ -57,6 +61,10 @@ ALLOWED_CONSOLE = [re.compile(p) for p in (
     r"^TypeError: Cannot read properties of undefined \(reading 'id'\)\s+at onChange \(",
 )]
 
+# Widgets the frontend adds to a node and sends in the prompt although the node's schema has no such input (the
+# server drops them): Preview Any's text display.
+FRONTEND_WIDGETS = {"PreviewAny": {"preview"}}
+
 READY_JS = """() => !!(window.app && app.vueAppReady && app.graph && app.canvas && window.LiteGraph
     && Object.keys(LiteGraph.registered_node_types).length > 100
     && LiteGraph.registered_node_types['Z2I_DDIMSampler'])"""
@@ -80,8 +88,13 @@ LOAD_JS = """async ([wf, name, ckpt, caps, swaps]) => {
         }
     }
     app.graph.setDirtyCanvas(true, true);
+    // a Load Image whose file is not in the server's input list runs red: list the value and the options
+    const images = app.graph.nodes.filter(n => n.type === 'LoadImage').map(n => {
+        const w = n.widgets.find(w => w.name === 'image');
+        return [n.id, w.value, (w.options && w.options.values) || []];
+    });
     return {
-        missing, changed,
+        missing, changed, images,
         loaded: app.graph.nodes.map(n => n.type),
         errors: app.graph.nodes.filter(n => n.has_errors).map(n => [n.id, n.type]),
     };
@@ -124,13 +137,32 @@ def _unexpected(messages: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def frontend_server(tmp_path_factory):
+def frontend_server(tmp_path_factory, host):
+    """The real server with a user folder and an input folder of its own; the input folder does not exist before
+    the start (a stock ComfyUI's fresh one): whatever is in it afterwards, the server or the pack put there."""
     from z2i.headless.host import find_host
+    ensure_tiny_models(host)  # the tiny BLIP and saved direction the swaps name (host models folders)
     out = tmp_path_factory.mktemp("frontend_server")
-    srv = ComfyServer(find_host(), out / "output", user_dir=out / "user", settings=SETTINGS)
+    srv = ComfyServer(find_host(), out / "output", user_dir=out / "user", settings=SETTINGS,
+                      extra_args=["--input-directory", str((out / "input").resolve())])
+    srv.input_dir = out / "input"
+    assert not srv.input_dir.exists()
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.mark.server
+def test_the_input_image_came_from_the_pack(frontend_server):
+    """The server started with an empty input folder; the pack copied its example image in when it loaded (nothing
+    else did: tools/setup.sh no longer writes one), and the server lists it for Load Image."""
+    copied = frontend_server.input_dir / EXAMPLE_IMAGE.name
+    assert copied.is_file(), f"the pack did not copy {EXAMPLE_IMAGE.name} into the input folder"
+    assert copied.read_bytes() == EXAMPLE_IMAGE.read_bytes(), "the input image is not the one the pack ships"
+    files = sorted(p.name for p in frontend_server.input_dir.rglob("*") if p.is_file())
+    assert files == [EXAMPLE_IMAGE.name], files
+    options = frontend_server.get_json("/object_info/LoadImage")["LoadImage"]["input"]["required"]["image"][0]
+    assert EXAMPLE_IMAGE.name in options
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +227,10 @@ def test_workflow_runs_in_the_frontend(frontend_server, page, path, tmp_path):
     assert not server_missing, f"node types the server does not know: {sorted(server_missing)}"
     assert sorted(res["loaded"]) == sorted(n["type"] for n in wf["nodes"]), "the page dropped nodes"
     assert not res["errors"], f"nodes marked red after loading: {res['errors']}"
+    assert res["images"], "every workflow loads an image"
+    for nid, value, options in res["images"]:
+        assert value == EXAMPLE_IMAGE.name and value in options, \
+            f"Load Image {nid}: {value!r} is not in the server's input list {options} (it would run red)"
     assert any(c[1] == "ckpt_name" for c in res["changed"]), res["changed"]
 
     page.evaluate(FIT_JS, FIT_MARGINS)  # on screen, so that the canvas draws the previews when they come
@@ -212,7 +248,8 @@ def test_workflow_runs_in_the_frontend(frontend_server, page, path, tmp_path):
     expected = _prepare(ui_to_api(wf, lambda t: info[t]["input"], set(info)), path)
     assert {k: v["class_type"] for k, v in sent.items()} == {k: v["class_type"] for k, v in expected.items()}
     for k, node in expected.items():
-        assert sent[k]["inputs"] == node["inputs"], f"node {k} ({node['class_type']}): frontend vs ui_to_api"
+        got = {n: v for n, v in sent[k]["inputs"].items() if n not in FRONTEND_WIDGETS.get(node["class_type"], ())}
+        assert got == node["inputs"], f"node {k} ({node['class_type']}): frontend vs ui_to_api"
 
     deadline = time.time() + 600
     while True:
@@ -231,7 +268,8 @@ def test_workflow_runs_in_the_frontend(frontend_server, page, path, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
 
     _wait(page, PREVIEWS_JS, 60, "the SaveImage previews in the page")
-    assert not page.evaluate("() => app.graph.nodes.filter(n => n.has_errors).map(n => n.id)")
+    red = page.evaluate("() => app.graph.nodes.filter(n => n.has_errors).map(n => [n.id, n.type])")
+    assert red == [], f"nodes marked red after the run: {red}"
     page.evaluate(FIT_JS, FIT_MARGINS)
     page.wait_for_timeout(300)
     shot = tmp_path / f"{path.stem}.png"
