@@ -126,6 +126,10 @@ def test_every_node_has_a_served_help_page(frontend_server):
 @pytest.mark.frontend
 def test_help_page_opens_from_the_selection_toolbox(frontend_server, page, tmp_path):
     nodes = z2i_nodes(frontend_server)
+    try:
+        frontend_server.get_bytes(help_url(nodes[SCREENSHOT_NODE]))
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"GET {help_url(nodes[SCREENSHOT_NODE])} -> {e.code}: {NOT_SERVED}") from None
     page.z2i_console.clear()
     names = sorted(nodes, key=lambda n: n == SCREENSHOT_NODE)       # the screenshot's node last: it stays open
     for i, name in enumerate(names):
