@@ -62,8 +62,8 @@ ALLOWED_CONSOLE = [re.compile(p) for p in (
 )]
 
 # Widgets the frontend adds to a node and sends in the prompt although the node's schema has no such input (the
-# server drops them): Preview Any's text display.
-FRONTEND_WIDGETS = {"PreviewAny": {"preview"}}
+# server drops them): Preview Any's text display (and, frontend 1.3x on ComfyUI 0.8.0, its mode switch).
+FRONTEND_WIDGETS = {"PreviewAny": {"preview", "previewMode"}}
 
 READY_JS = """() => !!(window.app && app.vueAppReady && app.graph && app.canvas && window.LiteGraph
     && Object.keys(LiteGraph.registered_node_types).length > 100

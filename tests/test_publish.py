@@ -85,6 +85,10 @@ def test_the_archive_holds_what_a_user_runs(archive):
     for package in ("nodes", "guidance", "attention_patches", "headless"):
         tracked = {n for n in _git("ls-files", package) if n.endswith(".py")}
         assert tracked and tracked <= names, f"{package}/ not shipped whole: {sorted(tracked - names)}"
+    web = _pyproject()["tool"]["comfy"].get("web")
+    if web:  # the folder ComfyUI serves for the pack (node help pages)
+        served = set(_git("ls-files", web))
+        assert served and served <= names, f"{web}/ not shipped whole: {sorted(served - names)}"
     workflows = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "workflows").glob("*.json"))
     assert workflows and set(workflows) <= names, "the workflow templates are shipped"
     thumbs = [w[:-5] + ".jpg" for w in workflows]
