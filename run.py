@@ -4,7 +4,8 @@
                       [--input-dir DIR] [--output-dir DIR] [--comfyui DIR]
 
 WORKFLOW is a UI-format file (as saved from ComfyUI, or one of workflows/) or an API-format prompt.
-NODE in --set is a node id, a node title, or a class type (all nodes of that type). VALUE is parsed as
+NODE in --set is a node id, a node title, or a class type (all nodes of that type); a node inside a
+subgraph has the id "<subgraph node id>:<its id in the subgraph>" (nested: "12:5:3"). VALUE is parsed as
 JSON when it can be (numbers, true/false), else taken as a string.
 With --input-dir every image in DIR goes through the graph in turn (each LoadImage node gets it); images
 whose outputs already exist in --output-dir are skipped, so an interrupted batch resumes where it stopped.

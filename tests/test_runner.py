@@ -58,3 +58,40 @@ def test_unknown_node_is_reported_not_a_traceback(tmp_path):
 def test_set_rejects_unknown_target():
     r = run(WF, "--set", "NoSuchNode.steps=3", "-q")
     assert r.returncode != 0 and "NoSuchNode" in r.stderr
+
+
+# -- subgraphs (tests/test_subgraphs.py says how the frontend made this file) -----------------------------------
+SUBGRAPH_WF = REPO / "tests" / "data" / "subgraph_ddim_img2img.json"
+
+
+def _env_of_this_host():
+    """The subprocess keeps this run's PYTHONPATH too (tools/test-host.sh puts a second host's packages there)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / ".host" / "pythonpath"),
+                                                        os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.host
+@pytest.mark.slow
+def test_subgraph_workflow_runs(tmp_path):
+    """The frontend-saved workflow with two instances of a subgraph, one nested in another, writes both images;
+    --set reaches a node inside the nested subgraph by its id in the prompt (<outer>:<instance>:<node>)."""
+    api = json.loads(SUBGRAPH_WF.with_suffix(".api.json").read_text())
+    nested = max((k for k, n in api.items() if n["class_type"] == "SamplerCustom"), key=lambda k: k.count(":"))
+    assert nested.count(":") == 2
+    out = tmp_path / "out"
+    r = run(SUBGRAPH_WF, "--checkpoint", "z2i-tiny-sd15.safetensors", "--output-dir", out,
+            "--set", f"{nested}.cfg=4.0", "-q", env=_env_of_this_host())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 run, 0 skipped, 2 images written" in r.stdout
+    assert sorted(p.name.rsplit("_", 2)[0] for p in out.glob("*.png")) == ["z2i_ddim_img2img", "z2i_subgraph_second"]
+
+
+@pytest.mark.host
+def test_subgraph_without_its_definition_is_reported_not_a_traceback(tmp_path):
+    wf = json.loads(SUBGRAPH_WF.read_text())
+    gone = wf["definitions"]["subgraphs"].pop()
+    bad = tmp_path / "cut.json"
+    bad.write_text(json.dumps(wf))
+    r = run(bad, "-q", env=_env_of_this_host())
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert gone["id"] in r.stderr and "definitions.subgraphs" in r.stderr and "Traceback" not in r.stderr
