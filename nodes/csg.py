@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import comfy.model_patcher
 import comfy.sample
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..attention_patches.controller import AttentionCall, Capture, MapStore, Mixup, over
+from ..attention_patches.controller import AttentionCall, AttentionController, Capture, MapStore, Mixup, attn2_replace, over
 from ..attention_patches.csg_mask import SelfAttentionMean, TokenMapMean, content_mask
 from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
@@ -21,13 +22,104 @@ from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
 from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
                        rows_of, with_z2i_attn2)
-from ._host import Z2IInputError, check_inversion, check_sampler_inputs, interruptible, unet_of
+from ._host import Z2IInputError, check_inversion, check_sampler_inputs, interruptible, model_signature, unet_of
 from .attention import GuidedCalls
-from .types import InversionType
+from .types import CSGSourceMapsType, InversionType
 
 MASK_NODE, MIXUP_NODE, CSG_NODE = "Z2I CSG Mask", "Z2I Cross-Attention Mixup", "Z2I CSG Sampler"
 MIXUP_KEY = "z2i_mixup"
 NORMALISE_CODE, NORMALISE_NONE = "per layer (official code)", "none (paper Eq. 13)"
+KEEP_AUTO, KEEP_ALWAYS, KEEP_NEVER = "auto (keep up to 1 GB)", "keep", "don't keep"
+KEEP_BUDGET = 1 << 30          # bytes of source maps "auto" keeps (the maps of every step, every layer)
+
+
+@dataclass(frozen=True)
+class CSGSourceMaps:
+    """The source branch's cross-attention maps of every step, captured by the content-mask pass (which runs the
+    UNet on the inversion's trajectory with the caption: exactly the CSG Sampler's lockstep source row). The
+    sampler's mixup reads them instead of running that row again, when nothing differs (`reuse_problem`).
+    Read-only after the mask node returns it (a cached output shared by later runs)."""
+
+    store: MapStore                   # keyed by the mask pass's step index, cond 0, every cross-attention site
+    sigmas: tuple                     # the sigma of each step index
+    rows: int                         # batch rows held per map
+    model: object                     # ModelSignature of the mask node's model
+    options_problem: Optional[str]    # why the mask node's model options would change the maps (None: plain)
+    conds: object                     # the guider's original conditioning of the mask pass (the caption)
+    nbytes: int
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def step_of(self, sigma: float) -> Optional[int]:
+        for j, s in enumerate(self.sigmas):
+            if abs(s - sigma) <= 1e-6 * max(1.0, abs(s)):
+                return j
+        return None
+
+
+def foreign_options(model_options: dict) -> Optional[str]:
+    """What in a run's model options could change the source branch's maps, other than Z2I's own attn2 patch and
+    mixup (None when nothing does): other packs' patches, wrappers or attention replaces."""
+    mo = model_options or {}
+    if mo.get("model_function_wrapper") is not None:
+        return "a model_function_wrapper"
+    to = mo.get("transformer_options") or {}
+    for kind, fns in (to.get("patches") or {}).items():
+        if fns:
+            return f"a '{kind}' patch"
+    for kind, entries in (to.get("patches_replace") or {}).items():
+        for key, fn in (entries or {}).items():
+            if not (kind == "attn2" and fn is attn2_replace):
+                return f"a '{kind}' replace patch at {key}"
+    if any(v for v in (to.get("wrappers") or {}).values()):
+        return "a model wrapper"
+    return None
+
+
+def _same(a, b) -> bool:
+    """Equality of conditioning structures: tensors by value, ComfyUI CONDRegular-like objects by their tensor,
+    other objects (control models) by identity or ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and set(a) - {"uuid"} == set(b) - {"uuid"} and \
+            all(_same(a[k], b[k]) for k in a if k != "uuid")
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return isinstance(b, type(a)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(getattr(a, "cond", None), torch.Tensor):
+        return type(a) is type(b) and _same(a.cond, getattr(b, "cond", None))
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:   # noqa: BLE001  (objects without a usable ==)
+        return False
+
+
+def reuse_problem(cached: CSGSourceMaps, model, extra_args: dict, x: torch.Tensor, sigmas) -> Optional[str]:
+    """Why the sampler cannot use the mask pass's maps for this run (None when it can: the same model and options,
+    the source caption as its negative, the same rows and every sigma captured)."""
+    from ._host import model_signature
+
+    mine = model_signature(model.inner_model.model_patcher)
+    if (mine.unet_id, mine.patches) != (cached.model.unet_id, cached.model.patches):
+        return "the sampler's model is not the mask node's model (another checkpoint, LoRA or weight patch)"
+    problem = cached.options_problem or foreign_options(extra_args.get("model_options", {}))
+    if problem:
+        return f"{problem} on the model may change the source maps"
+    if extra_args.get("denoise_mask") is not None:
+        return "an inpainting mask"
+    neg = (getattr(model.inner_model, "original_conds", None) or {}).get("negative")
+    if neg is None or not _same(neg, cached.conds):
+        return "the sampler's negative is not the caption the mask was made with"
+    if cached.rows != x.shape[0]:
+        return f"the mask pass held {cached.rows} image(s), the sampler runs {x.shape[0]}"
+    missing = [float(s) for s in sigmas[:-1] if cached.step_of(float(s)) is None]
+    if missing:
+        return f"sigma {missing[0]:.4g} was not a step of the mask pass"
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,9 +177,9 @@ def word_positions(clip, caption: str, word: str, node: str) -> list[int]:
 
 @own_rng
 def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, positions=None,
-             token_level=2, mask_level=0, out=None):
-    extra_args = {**(extra_args or {}), "model_options": analysis_options(
-        (extra_args or {}).get("model_options", {}), MASK_NODE)}          # full-resolution maps (ToMe, deep shrink)
+             token_level=2, mask_level=0, out=None, keep=KEEP_NEVER, budget=KEEP_BUDGET):
+    raw_options = (extra_args or {}).get("model_options", {})
+    extra_args = {**(extra_args or {}), "model_options": analysis_options(raw_options, MASK_NODE)}  # full-res maps
     calls = GuidedCalls(model, extra_args, MASK_NODE, self_attention=True)
     h, w = x.shape[-2:]
     mask_hw = (max(1, h >> mask_level), max(1, w >> mask_level))
@@ -99,15 +191,27 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
     parts = [slice(None)] if x.shape[0] == 1 or per_image_conds(model) else [slice(r, r + 1)
                                                                              for r in range(x.shape[0])]
     word_maps, smoothed = [], []
-    for rows in parts:
+    steps = len(sigmas) - 1
+    # The source maps for the CSG Sampler's mixup: every step's caption maps, as its lockstep source row makes them
+    store = MapStore(conds=(0,), max_steps=steps) if keep != KEEP_NEVER else None
+    for part, rows in enumerate(parts):
         sa = SelfAttentionMean(mask_hw)
         # First pass finds the self-attention resolution actually available (SDXL has none at full latent size).
         tm = None
-        for i in range(len(sigmas) - 1):
+        for i in range(steps):
             sigma = sigmas[i]
             xi = traj.latents[traj.index_of_sigma(float(sigma))][rows].to(x)
-            controllers = [tm] if tm is not None else []
+            # the same attention arithmetic whether or not the maps are kept (a no-op controller otherwise), so the
+            # mask does not depend on the source_maps option
+            controllers = ([tm] if tm is not None else []) + [Capture(store) if store is not None else
+                                                              AttentionController()]
             d = denoise(xi, sigma, AttentionCall(i, controllers), AttentionCall(i, [sa]))
+            if store is not None and keep == KEEP_AUTO and i == 0 and part == 0:
+                need = store.nbytes() * steps * len(parts)
+                if need > budget:
+                    logging.info("%s: the source maps would take %.0f MB (more than %.0f MB): not kept; the CSG "
+                                 "Sampler runs its source row instead", MASK_NODE, need / 2**20, budget / 2**20)
+                    store = None
             sa.end_step(i)
             if tm is None:
                 tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw)
@@ -116,7 +220,12 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
             cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
         word_maps.append(tm.mean())
         smoothed.append(content_mask(tm.mean(), sa.mean() if sa.total is not None else None))
-    out.append((torch.cat(word_maps), torch.cat(smoothed)))
+    maps = None
+    if store is not None:
+        maps = CSGSourceMaps(store, tuple(float(s) for s in sigmas[:-1]), x.shape[0],
+                             model_signature(model.inner_model.model_patcher), foreign_options(raw_options),
+                             model.inner_model.original_conds["positive"], store.nbytes())
+    out.append((torch.cat(word_maps), torch.cat(smoothed), maps))
     return x
 
 
@@ -148,6 +257,13 @@ class CSGMask(io.ComfyNode):
                              tooltip="Resolution of the self-attention smoothing, 1/2^level of the latent (0 = "
                                      "full, as the code; falls back to the finest layer that exists). Its map is "
                                      "(HW)^2: use 1 to save memory on large images."),
+                io.Combo.Input("source_maps", options=[KEEP_AUTO, KEEP_ALWAYS, KEEP_NEVER], default=KEEP_AUTO,
+                               optional=True,
+                               tooltip="Keep the caption's cross-attention maps of every step for the CSG "
+                                       "Sampler (its source_maps input): this pass already computes them, so the "
+                                       "sampler's mixup skips its own source UNet row (about a third of its "
+                                       "time). auto: keep them when they take at most 1 GB (logged otherwise); "
+                                       "keep: always; don't keep: the sampler runs the source row."),
             ],
             outputs=[io.Mask.Output(display_name="background",
                                     tooltip="White = background to keep, dark = the object to edit, at image "
@@ -156,12 +272,17 @@ class CSGMask(io.ComfyNode):
                                      tooltip="Where the word's object is (white), smoothed: M_hat, to preview."),
                      io.Image.Output(display_name="word_map",
                                      tooltip="The time-averaged word map before self-attention smoothing, to "
-                                             "preview.")],
+                                             "preview."),
+                     CSGSourceMapsType.Output(display_name="source_maps",
+                                              tooltip="The caption's maps of every step (see source_maps above), "
+                                                      "for the CSG Sampler's source_maps input. Empty when not "
+                                                      "kept; the sampler then runs its source row.")],
             is_experimental=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, inversion, caption, word, token_level, mask_level) -> io.NodeOutput:
+    def execute(cls, model, clip, inversion, caption, word, token_level, mask_level,
+                source_maps=KEEP_AUTO) -> io.NodeOutput:
         unet_of(model, MASK_NODE)
         check_inversion(MASK_NODE, inversion, model)
         check_caption(clip, caption, inversion.positive, MASK_NODE)
@@ -172,19 +293,20 @@ class CSGMask(io.ComfyNode):
         out: list = []
         sampler = comfy.samplers.KSAMPLER(_mask_fn, extra_options={
             "inversion": inversion, "positions": positions, "token_level": int(token_level),
-            "mask_level": int(mask_level), "out": out})
+            "mask_level": int(mask_level), "out": out, "keep": source_maps, "budget": KEEP_BUDGET})
         latent = model.model.process_latent_out(traj.latents[-1]).cpu()
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, sampler, sigmas, inversion.positive,
                                    inversion.positive, latent, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
                                    callback=latent_preview.prepare_callback(model, len(sigmas) - 1))
-        word_map, smoothed = out[0]
+        word_map, smoothed, maps = out[0]
         lat_h, lat_w = traj.latents.shape[-2:]
         size = (lat_h * 8, lat_w * 8)
         up = lambda m: F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # noqa
         obj = up(smoothed).clamp(0, 1).cpu()
         background = (1 - obj).clamp(0, 1)
         word_img = up(word_map / word_map.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).clamp(0, 1).cpu()
-        return io.NodeOutput(background, obj[..., None].repeat(1, 1, 1, 3), word_img[..., None].repeat(1, 1, 1, 3))
+        return io.NodeOutput(background, obj[..., None].repeat(1, 1, 1, 3), word_img[..., None].repeat(1, 1, 1, 3),
+                             maps)
 
 
 class CrossAttentionMixup(io.ComfyNode):
@@ -251,8 +373,19 @@ class CrossAttentionMixup(io.ComfyNode):
 
 @own_rng
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
-            lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True):
+            lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True, source_maps=None, stats=None):
     check_sampler_inputs(CSG_NODE, model, x, inversion)
+    cached = None
+    if source_maps is not None and (extra_args or {}).get("model_options", {}).get(
+            "transformer_options", {}).get(MIXUP_KEY) is not None:
+        problem = reuse_problem(source_maps, model, extra_args or {}, x, sigmas)
+        if problem is None:
+            cached = source_maps
+        else:
+            logging.warning("%s: not using the CSG Content Mask's source maps (%s): running the source row instead",
+                            CSG_NODE, problem)
+    if stats is not None:
+        stats["cached_source_maps"] = cached is not None
     extra_args, keep = inpainting(extra_args or {}, inversion, CSG_NODE)   # noise mask: keep the source outside
     spec = extra_args.get("model_options", {}).get("transformer_options", {}).get(MIXUP_KEY)
     traj = inversion.trajectory
@@ -273,7 +406,8 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         raise Z2IInputError(CSG_NODE, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt")
     cb = interruptible(callback)
-    mix = None if spec is None else Mixup(store, spec.background.to(x.device), token_map=spec.token_map,
+    mix = None if spec is None else Mixup(cached.store if cached is not None else store,
+                                          spec.background.to(x.device), token_map=spec.token_map,
                                           normalise=spec.normalise, strength=spec.strength)
     clamp = pull_clamp(bg, clamp, hard_mask_guard and lambda_pre != 0)
     for i in range(steps):
@@ -285,9 +419,13 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                                 "inversion's schedule", "connect the DDIM Inversion 'sigmas' output") from None
         if spec is not None:
             hw = tuple(x.shape[-2:])       # full-frame calls only (area-conditioned crops run plain attention)
-            source(x_src, sigma, AttentionCall(i, [Capture(store)], latent_hw=hw))
-            denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix], latent_hw=hw))
-            store.drop(i)
+            if cached is not None:         # the mask pass's maps of this sigma (no source row)
+                denoised = calls.denoise_cfg(x, sigma, AttentionCall(cached.step_of(float(sigma)), [mix],
+                                                                     latent_hw=hw))
+            else:
+                source(x_src, sigma, AttentionCall(i, [Capture(store)], latent_hw=hw))
+                denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix], latent_hw=hw))
+                store.drop(i)
         else:
             denoised = rows(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
         cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
@@ -354,6 +492,13 @@ class CSGSampler(io.ComfyNode):
                                          "paper's pull reaches 15x the difference and the run diverges. Soft "
                                          "masks (CSG Content Mask) are left to the paper's Eq. 18: with 50 steps "
                                          "they leave B_t before the pull grows. Off = Eq. 18 as written."),
+                CSGSourceMapsType.Input("source_maps", optional=True,
+                                        tooltip="From CSG Content Mask (same model, the caption as this run's "
+                                                "negative): the mixup reads the source maps the mask pass kept "
+                                                "instead of running a source UNet row each step (same result, "
+                                                "about a third less time). When they do not fit this run (other "
+                                                "model, prompt, patches, batch or steps) a warning says why and "
+                                                "the source row runs."),
             ],
             outputs=[io.Sampler.Output(display_name="sampler",
                                        tooltip="The CSG sampler, for SamplerCustom's sampler input (with the "
@@ -362,11 +507,12 @@ class CSGSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, inversion, background, lambda_pre, delta, clamp_pull, hard_mask_guard=True) -> io.NodeOutput:
+    def execute(cls, inversion, background, lambda_pre, delta, clamp_pull, hard_mask_guard=True,
+                source_maps=None) -> io.NodeOutput:
         mask = background if background.ndim == 3 else background[None]
         return io.NodeOutput(comfy.samplers.KSAMPLER(_csg_fn, extra_options={
             "inversion": inversion, "background": mask, "lambda_pre": float(lambda_pre), "delta": float(delta),
-            "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard)}))
+            "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard), "source_maps": source_maps}))
 
 
 NODES = [CSGMask, CrossAttentionMixup, CSGSampler]

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..guidance.inversion import Trajectory
 
 InversionType = io.Custom("Z2I_INVERSION")
+CSGSourceMapsType = io.Custom("Z2I_CSG_SOURCE_MAPS")
 
 
 @dataclass(frozen=True)

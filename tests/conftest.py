@@ -5,10 +5,21 @@ loaded from custom_nodes/z2i); HTTP tests use `server` (main.py on a free loopba
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# One fixed intra-op thread count for the whole run, in this process and in the servers it starts
+# (OMP_NUM_THREADS is inherited): CPU kernels split work into per-thread blocks whose partial sums are added in a
+# fixed order for a given thread count, so with it fixed every rerun is bit-for-bit repeatable however busy the
+# machine is (measured: docs/DEVELOPING.md, "Checked under load"). Z2I_TEST_THREADS overrides it.
+THREADS = int(os.environ.get("Z2I_TEST_THREADS", "2"))
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 _pythonpath = REPO / ".host" / "pythonpath"

@@ -124,10 +124,13 @@ def test_clip_style_loss_descends_through_vae_and_unet(host, checkpoints):
 def test_clip_style_loss_is_seeded(host, checkpoints):
     p = style_graph(checkpoints["sd15"], cutouts=2)
     a = host.run_prompt(p, targets=["s"]).output("s", 0)["samples"]
-    p["sampler"]["inputs"]["dds_lr"] = 0.0100001            # re-run the sampler: same seed, same cutouts
-    b = host.run_prompt(p, targets=["s"]).output("s", 0)["samples"]
-    rel = lambda u, v: ((u - v).norm() / v.norm()).item()  # noqa: E731  (CPU backward sums in thread order)
-    assert rel(a, b) < 1e-4
+    # Re-run everything with the same inputs (a fresh cache): the same seed draws the same cutouts, and the guided
+    # steps, their backward passes included, are bit-for-bit repeatable at a fixed thread count, idle or busy
+    # (tests/conftest.py; the spread measured under load is in docs/DEVELOPING.md). The old version nudged dds_lr
+    # by 1e-5 to force a re-run: a real change that AGG's DDS loop amplified to 2.9e-3 on a busy machine.
+    b = host.run_prompt(p, targets=["s"], fresh_cache=True).output("s", 0)["samples"]
+    rel = lambda u, v: ((u - v).norm() / v.norm()).item()  # noqa: E731
+    assert torch.equal(a, b), rel(a, b)
     p["s"]["inputs"]["noise_seed"] = 7                      # other cutouts
     assert rel(host.run_prompt(p, targets=["s"]).output("s", 0)["samples"], a) > 1e-3
 

@@ -116,3 +116,41 @@ def test_model_without_middle_block_is_refused(host, checkpoints):
     node = host.node_classes["Z2I_HDirectionFromPrompts"]
     with pytest.raises(ValueError, match=r"input 'model': this UNet has no middle block"):
         node.execute(model=m, inversion=None, target=[])
+
+
+def test_both_hspace_hook_paths_give_the_same_edit(host, checkpoints, monkeypatch):
+    """The h-space delta goes in through `middle_block_after_patch` where the host has it (newer ComfyUI) and through
+    the first `output_block_patch` where it does not (0.3.75, 0.8.0). Each path is forced here on this host: the
+    missing one is provided the way newer ComfyUI calls it (after the middle block and its control, with
+    {"h", ..., "transformer_options"}), and both give the same edit and the same deltas."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as unet_mod
+    import comfy.model_patcher
+    native = hasattr(comfy.model_patcher.ModelPatcher, "set_model_middle_block_after_patch")
+    p = graph(checkpoints["sd15"], scale=1.0)
+    out_native, s_native = run_with_stats(host, p)
+
+    calls = []
+    if native:      # force the older path
+        monkeypatch.delattr(comfy.model_patcher.ModelPatcher, "set_model_middle_block_after_patch")
+    else:           # force the newer path: the hook and its call site as newer ComfyUI has them
+        monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "set_model_middle_block_after_patch",
+                            lambda self, patch: self.set_model_patch(patch, "middle_block_after_patch"), raising=False)
+        original = unet_mod.forward_timestep_embed
+
+        def forward_timestep_embed(ts, x, emb, context=None, transformer_options={}, *args, **kwargs):  # noqa: B006
+            h = original(ts, x, emb, context, transformer_options, *args, **kwargs)
+            if tuple(transformer_options.get("block", ())) == ("middle", 0):
+                for patch in transformer_options.get("patches", {}).get("middle_block_after_patch", []):
+                    calls.append(patch)
+                    h = patch({"h": h, "x": x, "emb": emb, "context": context,
+                               "transformer_options": transformer_options})["h"]
+            return h
+        monkeypatch.setattr(unet_mod, "forward_timestep_embed", forward_timestep_embed)
+    out_forced, s_forced = run_with_stats(host, p)
+    if not native:
+        assert calls, "the forced newer path was not taken"
+    assert len(s_forced["deltas"]) == len(s_native["deltas"]) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(s_forced["deltas"], s_native["deltas"]))
+    assert torch.equal(out_forced, out_native)
+    plain = host.run_prompt(graph(checkpoints["sd15"], scale=0.0), targets=["s"]).output("s", 0)["samples"]
+    assert ((out_forced - plain).norm() / plain.norm()).item() > 1e-4      # the forced path edits too

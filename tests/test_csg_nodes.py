@@ -173,3 +173,76 @@ def test_each_image_of_a_batch_is_edited_as_alone(host, checkpoints):
     spread = batch_spread(lambda which: host.run_prompt(two_image_batch(graph(checkpoints["sd15"]), which),
                                                         targets=["s"]))
     assert spread <= EXACT_BATCH_TOL, spread
+
+
+# -- cached source maps (issue 19): the mask pass's caption maps stand in for the sampler's source row --------------
+def _count_rows(host, p):
+    """Run the graph (upstream cached first), then only the sampler, counting UNet batch rows in that run."""
+    res = host.run_prompt(p, targets=["s", "ckpt"])
+    unet = res.output("ckpt", 0).model.diffusion_model
+    rows = []
+    handle = unet.register_forward_hook(lambda m, args, out: rows.append(int(args[0].shape[0])))
+    try:
+        p["s"]["inputs"]["noise_seed"] += 1            # unused (add_noise off): re-runs the sampler alone
+        out = samples(host, p)
+    finally:
+        handle.remove()
+    assert torch.equal(out, res.output("s", 0)["samples"])
+    return out, sum(rows)
+
+
+def test_cached_source_maps_replace_the_source_row(host, checkpoints):
+    """Same edit with the mask pass's maps as with the lockstep source row, one UNet row per step fewer. The mask
+    pass smooths with self-attention maps, so its UNet computes attention as probabilities times values where the
+    sampler's source row runs the host's attention kernel: the two source maps differ in the last float32 digits
+    (measured 2e-7 relative on the result), not bit for bit."""
+    lock = graph(checkpoints["sd15"])
+    out_lock, rows_lock = _count_rows(host, lock)
+    cached = graph(checkpoints["sd15"])
+    cached["sampler"]["inputs"]["source_maps"] = ["mask", 3]
+    out_cached, rows_cached = _count_rows(host, cached)
+    steps = 4
+    assert rows_lock - rows_cached == steps, (rows_lock, rows_cached)     # cfg 5: 3 rows/step -> 2 rows/step
+    rel = ((out_cached - out_lock).norm() / out_lock.norm()).item()
+    assert rel < 1e-5, rel
+    maps = host.run_prompt(cached, targets=["mask"]).output("mask", 3)
+    assert maps is not None and maps.store.steps_held == steps and maps.nbytes > 0
+
+
+def test_cached_source_maps_fall_back_when_they_do_not_fit(host, checkpoints, caplog):
+    """Another negative prompt, or the maps not kept: the sampler says why and runs its source row (the same result
+    as without the maps, bit for bit)."""
+    lock = graph(checkpoints["sd15"])
+    lock["neg"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat on a chair",
+                                                              "clip": ["ckpt", 1]}}
+    lock["s"]["inputs"]["negative"] = ["neg", 0]
+    expected = samples(host, lock)
+    p = {k: {**v, "inputs": dict(v["inputs"])} for k, v in lock.items()}
+    p["sampler"]["inputs"]["source_maps"] = ["mask", 3]
+    with caplog.at_level("WARNING"):
+        got = samples(host, p)
+    assert "not using the CSG Content Mask's source maps" in caplog.text and "negative" in caplog.text
+    assert torch.equal(got, expected)
+    p["mask"]["inputs"]["source_maps"] = "don't keep"
+    assert host.run_prompt(p, targets=["mask"]).output("mask", 3) is None
+    assert torch.equal(samples(host, p), expected)
+
+
+def test_auto_keeps_source_maps_only_within_the_budget(host, checkpoints, monkeypatch):
+    import sys
+    csg = sys.modules[host.node_classes["Z2I_CSGMask"].__module__]       # the module the host loaded
+    p = graph(checkpoints["sd15"])
+    maps = host.run_prompt(p, targets=["mask"]).output("mask", 3)
+    assert maps is not None                                       # a 64 px image: a few MB
+    monkeypatch.setattr(csg, "KEEP_BUDGET", maps.nbytes - 1)
+    assert host.run_prompt(p, targets=["mask"], fresh_cache=True).output("mask", 3) is None
+    p["mask"]["inputs"]["source_maps"] = "keep"
+    assert host.run_prompt(p, targets=["mask"]).output("mask", 3) is not None
+
+
+def test_cached_source_maps_batch_edits_each_image_as_alone(host, checkpoints):
+    def run(which):
+        p = two_image_batch(graph(checkpoints["sd15"]), which)
+        p["sampler"]["inputs"]["source_maps"] = ["mask", 3]
+        return host.run_prompt(p, targets=["s"])
+    assert batch_spread(run) <= EXACT_BATCH_TOL
