@@ -468,3 +468,28 @@ def _raised(host):
     except ValueError as e:
         return e
     raise AssertionError("no error")
+
+
+@pytest.mark.server
+def test_server_missing_file_in_a_combo_gets_the_z2i_message(server, host, tiny_clip, tiny_blip):
+    """A file picked in a Combo that is not (or no longer) in its model folder: newer ComfyUI (0.8.0) checks Combo
+    values against the list before the node runs, so each loader checks its file in validate_inputs, which core
+    calls instead of its own list check. The user sees the same Z2I message on every host."""
+    cases = [
+        (load_graph("Z2I_LoadEditDirection", "gone.safetensors", "Z2I_SaveEditDirection"), LOAD_E, "name",
+         "'gone.safetensors' is not in models/edit_directions", "Save Edit Direction"),
+        (load_graph("Z2I_LoadHDirection", "gone.safetensors", "Z2I_SaveHDirection"), LOAD_H, "name",
+         "'gone.safetensors' is not in models/h_directions", "Save"),
+        ({"oc": {"class_type": "Z2I_OpenCLIPLoader", "inputs": {"name": "gone.safetensors", "architecture": AUTO}},
+          "agg": _style_consumer()}, CLIP_NODE, "name", "'gone.safetensors' is not in models/open_clip",
+         "pick them in the list"),
+        ({"img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
+          "cap": {"class_type": "Z2I_BLIPCaption", "inputs": {"image": ["img", 0], "model": "gone-blip",
+                                                              "num_beams": 1, "max_new_tokens": 4}},
+          "show": {"class_type": "PreviewAny", "inputs": {"source": ["cap", 0]}}}, BLIP_NODE, "model",
+         "no BLIP model 'gone-blip'", "one folder per model"),
+    ]
+    for prompt, node, input_name, problem, fix in cases:
+        text = rejection_text(server, prompt)
+        assert_message(text, node, input_name, problem, fix)
+        assert "Value not in list" not in text, text          # core's generic message did not pre-empt ours
