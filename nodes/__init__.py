@@ -15,8 +15,9 @@ NODES: list[type[io.ComfyNode]] = [
     *agg.NODES, *clip_models.NODES,
 ]
 
-# The image every shipped workflow's Load Image names (made by tools/make_example_image.py).
-EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "examples" / "z2i_example.png"
+# The image every shipped workflow's Load Image names (made by tools/make_example_image.py). In assets/, not
+# examples/: ComfyUI serves a folder of that name as the pack's workflow templates, shadowing workflows/.
+EXAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "z2i_example.png"
 
 
 def install_example_image() -> Path | None:

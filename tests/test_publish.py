@@ -23,10 +23,10 @@ IGNORE = REPO / ".comfyignore"
 # Every tracked top-level entry is either shipped or listed here as developer material: a new folder has to be
 # sorted into one of the two (and .comfyignore told), never shipped by accident.
 SHIPPED_TOP = {"__init__.py", "nodes", "guidance", "attention_patches", "headless", "run.py", "workflows",
-               "examples", "web", "README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "requirements.txt"}
+               "assets", "web", "README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "requirements.txt"}
 DEV_ONLY_TOP = {"tests", "tools", "docs", ".ci", ".github", "BENCHMARKS.md", ".gitignore", ".comfyignore"}
 REQUIRED = ["__init__.py", "nodes/__init__.py", "run.py", "README.md", "LICENSE", "pyproject.toml",
-            "requirements.txt", "examples/z2i_example.png"]
+            "requirements.txt", "assets/z2i_example.png"]
 
 # Ways a module can start a process (and so run pip): imports and calls the archive must not contain.
 PROCESS_MODULES = {"subprocess", "pip", "ensurepip", "pty"}
@@ -95,8 +95,8 @@ def test_the_archive_holds_what_a_user_runs(archive):
     assert set(thumbs) <= names, "the template thumbnails are shipped"
     for w in workflows:  # the image every template names is in the archive, the one the pack copies into input/
         assert "z2i_example.png" in archive.read(w).decode()
-    assert archive.read("examples/z2i_example.png") == (REPO / "examples" / "z2i_example.png").read_bytes()
-    assert len(archive.read("examples/z2i_example.png")) < 60_000
+    assert archive.read("assets/z2i_example.png") == (REPO / "assets" / "z2i_example.png").read_bytes()
+    assert len(archive.read("assets/z2i_example.png")) < 60_000
 
 
 def _dotted(node: ast.AST) -> str:

@@ -13,7 +13,7 @@ from z2i.tests.test_reliability_files import no_network  # noqa: F401  (fixture:
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-EXAMPLE_IMAGE = REPO / "examples" / "z2i_example.png"  # the image the pack ships and copies into input/
+EXAMPLE_IMAGE = REPO / "assets" / "z2i_example.png"  # the image the pack ships and copies into input/
 TINY = {"sdxl": "z2i-tiny-sdxl.safetensors"}
 
 
@@ -93,6 +93,14 @@ def test_workflow_is_ui_format_with_a_note(path):
     assert images and set(images) == {EXAMPLE_IMAGE.name}, "every workflow starts from the image the pack ships"
 
 
+def test_workflows_is_the_only_template_folder():
+    """ComfyUI serves a pack's templates from the first of these folders that exists, all under one URL prefix
+    (app/custom_node_manager.py, 0.3.75 and 0.8.0): an examples/ folder beside workflows/ would answer every
+    /api/workflow_templates/z2i/<file> request with a 404 (the thumbnails and the template files themselves)."""
+    names = ["example_workflows", "example", "examples", "workflow", "workflows"]
+    assert [n for n in names if (REPO / n).exists()] == ["workflows"]
+
+
 def test_the_pack_ships_a_small_example_image():
     from PIL import Image
     data = EXAMPLE_IMAGE.read_bytes()
@@ -115,7 +123,7 @@ def _loaded_module(file: Path):
 
 @pytest.mark.host
 def test_the_pack_installs_its_example_image_into_the_input_folder(host, tmp_path):
-    """On load (the extension's get_node_list) the pack copies examples/z2i_example.png into a stock input folder
+    """On load (the extension's get_node_list) the pack copies assets/z2i_example.png into a stock input folder
     (created if missing); a file of that name already there, the user's or an earlier copy, is never touched."""
     pack_nodes = _loaded_module(REPO / "nodes" / "__init__.py")
     pack = _loaded_module(REPO / "__init__.py")

@@ -1,4 +1,4 @@
-"""Write examples/z2i_example.png, the example image the pack ships (procedural: no photo, no licence question).
+"""Write assets/z2i_example.png, the example image the pack ships (procedural: no photo, no licence question).
 
 A 128x128 smooth two-tone background with a red square "object" in the middle: small (about 2 KB), enough for
 every workflow to run out of the box, and an honest placeholder for the user's own picture. The pack copies it
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "examples" / "z2i_example.png"
+OUT = REPO / "assets" / "z2i_example.png"
 SIZE = 128
 
 

@@ -113,10 +113,10 @@ PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_c
 mkdir -p "$host/models/open_clip"
 "$python" tools/make_tiny_open_clip.py "$host/models/open_clip" >/dev/null
 
-# The workflows' example image (examples/z2i_example.png) is NOT written here: the pack copies it into ComfyUI's
+# The workflows' example image (assets/z2i_example.png) is NOT written here: the pack copies it into ComfyUI's
 # input folder when it loads (nodes/__init__.py), as on a user's stock ComfyUI. Earlier versions of this script
 # wrote their own copy; one that differs from the shipped file is removed so that the pack's copy is what runs.
-if [ -f "$host/input/z2i_example.png" ] && ! cmp -s "$host/input/z2i_example.png" examples/z2i_example.png; then
+if [ -f "$host/input/z2i_example.png" ] && ! cmp -s "$host/input/z2i_example.png" assets/z2i_example.png; then
   rm -f "$host/input/z2i_example.png"
 fi
 
