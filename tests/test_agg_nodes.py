@@ -47,6 +47,7 @@ def test_gradient_reaches_the_latent_and_each_step_descends(host, checkpoints):
     assert ((out - plain).norm() / plain.norm()).item() > 1e-3
 
 
+@pytest.mark.numeric
 def test_each_image_of_a_batch_is_guided_as_alone(host, checkpoints):
     """[A, B] in one batch gives each image the result it gets alone: the L1 is a per-image mean summed over the
     batch (a batch mean gave each image 1/B of its MCG step: spread 2e-2 at lambda_reg 1)."""

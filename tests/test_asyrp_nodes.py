@@ -49,6 +49,7 @@ def test_doubling_the_scale_doubles_the_delta_at_the_hook(host, checkpoints):
     assert ((out1 - plain).norm() / plain.norm()).item() > 1e-4      # the edit changes the image
 
 
+@pytest.mark.numeric
 def test_each_image_of_a_batch_is_edited_as_alone(host, checkpoints):
     """[A, B] inverted, derived and edited in one batch gives each image what it gets alone: the derived direction
     has one row per image (the batch mean coupled the images: spread 2e-3)."""

@@ -148,6 +148,7 @@ def two_images(p, which, second="flip"):
     return p
 
 
+@pytest.mark.numeric
 def test_batch_rows_are_independent(host, checkpoints):
     """Two different images in one batch (content mask, per-image mask renormalisation in the mixup, pull).
 
@@ -167,6 +168,7 @@ def test_batch_rows_are_independent(host, checkpoints):
     assert rel(with_mirror[0], alone[0]) < 3e-4                              # batch-size noise only
 
 
+@pytest.mark.numeric
 def test_each_image_of_a_batch_is_edited_as_alone(host, checkpoints):
     """[A, B] inverted, masked and edited with the mixup in one batch gives each image what it gets alone (the
     sampler's UNet calls run row by row; the mixup reads the row's own mask and source maps)."""
@@ -240,6 +242,7 @@ def test_auto_keeps_source_maps_only_within_the_budget(host, checkpoints, monkey
     assert host.run_prompt(p, targets=["mask"]).output("mask", 3) is not None
 
 
+@pytest.mark.numeric
 def test_cached_source_maps_batch_edits_each_image_as_alone(host, checkpoints):
     def run(which):
         p = two_image_batch(graph(checkpoints["sd15"]), which)

@@ -36,7 +36,7 @@ import torch
 
 from z2i.tests.helpers import inverted_image_graph
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.numeric]
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 CAPTION = "a photo of a cat on a sofa"

@@ -84,6 +84,7 @@ def test_batch_two_and_determinism(host, checkpoints):
     assert torch.equal(a[0], a[1])     # identical images in the batch edit identically (row-wise UNet calls)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("form", ["both halves (official code)", "single latent (paper Alg. 1)", "zeroCon"])
 def test_each_image_of_a_batch_edits_as_alone(host, checkpoints, form):
     """Two different images in one batch: each gets its single-image result (guidance strength per image does
