@@ -151,7 +151,9 @@ WORKFLOWS: dict[str, dict] = {
             "show the object map and the background mask.\n"
             "3. Cross-Attention Mixup patches the model: background pixels attend as in the source (Eq. 13).\n"
             "4. The CSG sampler samples with the word-swapped caption, pulling the background toward the source "
-            "trajectory (Eq. 18). No backpropagation: cheaper than pix2pix-zero.\n\n"
+            "trajectory (Eq. 18). No backpropagation: cheaper than pix2pix-zero. Its source_maps input reuses "
+            "the caption's attention maps the mask kept, skipping one UNet pass per step (the mask keeps up to "
+            "1 GB by default; 50 steps at 512 px need about 3.3 GB, so set its source_maps to keep).\n\n"
             "What to change: the image; the caption and the same caption with the word swapped; the word; "
             "lambda_pre (15 for real images, 5 for generated); steps 50 (with far fewer steps turn clamp_pull "
             "on, the pull over-corrects). Keep the caption as the negative prompt, cfg about 5."
@@ -175,7 +177,7 @@ WORKFLOWS: dict[str, dict] = {
                                                   "source_prompt": "a photo of a cat sitting on a sofa",
                                                   "target_prompt": "a photo of a dog sitting on a sofa"}),
             ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
-                                           "delta": 1.5, "clamp_pull": False}),
+                                           "delta": 1.5, "clamp_pull": False, "source_maps": ("mask", 3)}),
             ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
                                          "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
                                          "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
