@@ -113,10 +113,15 @@ def test_the_pack_ships_a_small_example_image():
 
 
 def _loaded_module(file: Path):
-    """The module the host loaded from `file` (ComfyUI names a pack's modules after their path, not `z2i`)."""
+    """The module the host loaded from `file` (ComfyUI names a pack's modules after their path, not `z2i`). pytest's
+    importlib mode may also import the repository's root `__init__.py` as a lone module (no package, so its
+    relative imports fail; seen in a clone named other than the pack): only modules imported as part of a package
+    count."""
     for name, mod in sorted(sys.modules.items(), key=lambda kv: kv[0].split(".")[0] == "z2i"):
         f = getattr(mod, "__file__", None)
-        if f and Path(f).resolve() == file.resolve():
+        spec = getattr(mod, "__spec__", None)
+        in_package = spec is not None and bool(spec.parent or spec.submodule_search_locations)
+        if f and in_package and Path(f).resolve() == file.resolve():
             return mod
     raise AssertionError(f"the host did not load {file}")
 

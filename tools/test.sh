@@ -24,7 +24,14 @@ rc=0
 .venv/bin/python -m pytest 2>&1 | tee "$logs/host-0.3.75.log" || rc=$?
 lines=("host ComfyUI 0.3.75 (whole suite): $(summary "$logs/host-0.3.75.log")")
 
-second="${Z2I_SECOND_HOST:-$repo/../shared/hosts/comfyui-0.8.0.tar.gz}"
+# the shared folder beside the repository (../shared), or the workplace's /work/shared for a clone made elsewhere
+second="${Z2I_SECOND_HOST:-}"
+if [ -z "$second" ]; then
+  for cand in "$repo/../shared/hosts/comfyui-0.8.0.tar.gz" /work/shared/hosts/comfyui-0.8.0.tar.gz; do
+    if [ -e "$cand" ]; then second="$cand"; break; fi
+  done
+  second="${second:-$repo/../shared/hosts/comfyui-0.8.0.tar.gz}"
+fi
 if [ -e "$second" ]; then
   rc2=0
   bash tools/test-host.sh "$second" -m "(host or server or frontend) and not numeric" 2>&1 \
