@@ -192,6 +192,21 @@ def page(frontend_server):
         browser.close()
 
 
+def finished_prompt(server, pid: str, timeout: float = 600) -> dict:
+    """Wait for prompt `pid` in the server's /history; assert it succeeded (and the server lives); its entry."""
+    deadline = time.time() + timeout
+    while True:
+        hist = server.get_json(f"/history/{pid}")
+        if pid in hist:
+            break
+        assert server.proc.poll() is None, "server died:\n" + server.log_tail()
+        assert time.time() < deadline, f"prompt {pid} not finished:\n{server.log_tail()}"
+        time.sleep(0.5)
+    status = hist[pid].get("status", {})
+    assert status.get("status_str") == "success", json.dumps(status)[:4000]
+    return hist[pid]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_has_a_thumbnail(path):
     """The template browser shows workflows/<stem>.jpg beside workflows/<stem>.json (tools/make_thumbnails.py)."""
@@ -251,16 +266,7 @@ def test_workflow_runs_in_the_frontend(frontend_server, page, path, tmp_path):
         got = {n: v for n, v in sent[k]["inputs"].items() if n not in FRONTEND_WIDGETS.get(node["class_type"], ())}
         assert got == node["inputs"], f"node {k} ({node['class_type']}): frontend vs ui_to_api"
 
-    deadline = time.time() + 600
-    while True:
-        hist = frontend_server.get_json(f"/history/{pid}")
-        if pid in hist:
-            break
-        assert frontend_server.proc.poll() is None, "server died:\n" + frontend_server.log_tail()
-        assert time.time() < deadline, f"prompt {pid} not finished:\n{frontend_server.log_tail()}"
-        time.sleep(0.5)
-    status = hist[pid].get("status", {})
-    assert status.get("status_str") == "success", json.dumps(status)[:4000]
+    hist = {pid: finished_prompt(frontend_server, pid)}
     images = [img for out in hist[pid]["outputs"].values() for img in out.get("images", [])]
     assert images, "the workflow produced no image"
     data = frontend_server.get_bytes(f"/view?filename={images[0]['filename']}"

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from z2i.headless.workflow import MissingSubgraph, UnknownNodeTypes, WorkflowError, ui_to_api
-from z2i.tests.test_frontend import _unexpected, frontend_server, page  # noqa: F401  (fixtures)
+from z2i.tests.test_frontend import _unexpected, finished_prompt, frontend_server, page  # noqa: F401  (fixtures)
 from z2i.tests.test_workflows import _prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,16 +311,7 @@ def test_frontend_makes_and_runs_a_subgraph_workflow(frontend_server, page):
     expected = _prepare(convert(res["workflow"]), SOURCE)
     assert not _differences(expected, sent), "\n".join(_differences(expected, sent))
     pid = resp.json()["prompt_id"]
-    deadline = time.time() + 600
-    while True:
-        hist = frontend_server.get_json(f"/history/{pid}")
-        if pid in hist:
-            break
-        assert frontend_server.proc.poll() is None, "server died:\n" + frontend_server.log_tail()
-        assert time.time() < deadline, f"prompt {pid} not finished:\n{frontend_server.log_tail()}"
-        time.sleep(0.5)
-    status = hist[pid].get("status", {})
-    assert status.get("status_str") == "success", json.dumps(status)[:4000]
+    hist = {pid: finished_prompt(frontend_server, pid)}
     images = [img for out in hist[pid]["outputs"].values() for img in out.get("images", [])]
     assert len(images) == 2, images
 
