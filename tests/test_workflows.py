@@ -172,6 +172,7 @@ def test_workflow_runs_headless(host, path, no_network, tiny_models):
 
 
 @pytest.mark.server
+@pytest.mark.once
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_over_http(server, path, tiny_models):
     info = server.get_json("/object_info")

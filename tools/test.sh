@@ -34,7 +34,7 @@ if [ -z "$second" ]; then
 fi
 if [ -e "$second" ]; then
   rc2=0
-  bash tools/test-host.sh "$second" -m "(host or server or frontend) and not numeric and not slow" 2>&1 \
+  bash tools/test-host.sh "$second" -m "(host or server or frontend) and not numeric and not slow and not once" 2>&1 \
     | tee "$logs/host-second.log" || rc2=$?
   ver="$(sed -n 's/^\[z2i test-host\] ComfyUI \([^ ]*\) at .*/\1/p' "$logs/host-second.log" | tail -n 1)"
   lines+=("host ComfyUI ${ver:-?} (host-level tests): $(summary "$logs/host-second.log")")
