@@ -15,6 +15,7 @@ Design (shared/design/style-by-example.md rules 4 and 9; comfyui-internals.md se
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..guidance.autograd import recomputing
 from .probs import apply_probs, attention_probs, match_tokens, split_heads
 from .sites import Site
 
@@ -56,6 +58,11 @@ class AttentionCall:
     def __deepcopy__(self, memo):           # ComfyUI 0.3.75 deep-copies model options: keep identity
         return self
 
+    def snapshot(self) -> "AttentionCall":
+        """This call as it is now (row included), for a checkpointed layer's recomputation
+        (guidance.autograd.checkpointed); the controllers are shared."""
+        return dataclasses.replace(self)
+
 
 class MapStore:
     """Cross-attention maps keyed by (step, site, cond index), holding at most `max_steps` steps.
@@ -80,7 +87,7 @@ class MapStore:
         return (self.sites is None or site in self.sites) and (self.conds is None or cond_index in self.conds)
 
     def put(self, step: int, site: Site, cond_index: int, probs: torch.Tensor) -> None:
-        if not self.wants(site, cond_index):
+        if not self.wants(site, cond_index) or recomputing():   # a checkpointed layer's second forward
             return
         if step not in self._steps:
             self._steps[step] = {}

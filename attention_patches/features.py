@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..guidance.autograd import recomputing
 from .sites import Site
 
 FEATURE_KEY = "z2i_feature_call"
@@ -30,7 +31,7 @@ class FeatureCall:
 
 def attn1_output_capture(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
     call: Optional[FeatureCall] = extra_options.get(FEATURE_KEY)
-    if call is None:
+    if call is None or recomputing():         # a checkpointed layer's second forward stores nothing
         return n
     block = extra_options.get("block", ("?", -1))
     site = Site(block[0], int(block[1]), int(extra_options.get("block_index", 0)))

@@ -82,6 +82,9 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
         if weight != 1.0:
             loss = loss * weight
         grad, = torch.autograd.grad(loss, xg)
+        store.clear()                          # the maps and features hold the graph: free it now
+        if feats is not None:
+            feats.features.clear()
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     x_new = x - lam * append_dims(1 + s * s, x.ndim) * grad.to(x.dtype)
     return x_new.detach(), float(loss.detach())
@@ -104,6 +107,7 @@ def xa_guidance_pair(x: torch.Tensor, sigma, denoise_pair, reference_maps: dict,
                   for b in (0, 1)]
         loss = 0.5 * (halves[0] + halves[1])
         gu, gc = torch.autograd.grad(loss, [xu, xc])
+        store.clear()                          # the maps hold the graph: free it now
     s = append_dims(1 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2, x.ndim)
     return ((x - lam * s * gu.to(x.dtype)).detach(), (x - lam * s * gc.to(x.dtype)).detach(),
             0.5 * float(halves[1].detach()))
@@ -115,7 +119,8 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                         stats: Optional[dict] = None, check_loss: bool = False,
                         contrastive: Optional[Contrastive] = None, form: str = "code",
                         combine: Optional[Callable] = None, sigma_floor: Optional[float] = None,
-                        denoise_pair: Optional[Callable] = None, keep: Optional[Callable] = None) -> torch.Tensor:
+                        denoise_pair: Optional[Callable] = None, keep: Optional[Callable] = None,
+                        pair_guidance: bool = True) -> torch.Tensor:
     """Implements pix2pix-zero's edit pass from an inverted x_T over descending sigmas.
 
     denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral; in the code form also the guided
@@ -126,7 +131,9 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     records the loss after each step's update (one more UNet call per step, for tests). denoise_pair(x_u, x_c,
     sigma, call) -> (d_u, d_c) (optional): the caption prediction at x_u and the edited one at x_c in one batched
     UNet call (cond indices 0 and 1 for `call`); the code form then guides both halves in one pass and
-    re-evaluates them in one call (same result, fewer calls; without it, one call per half). A schedule ending at the
+    re-evaluates them in one call (same result, fewer calls; without it, one call per half). pair_guidance=False
+    keeps the paired re-evaluation but guides the halves one after the other (the same gradients; one half's
+    autograd graph alive at a time: the samplers choose it on large latents). A schedule ending at the
     model's sigma(0) (`sigma_floor`) returns diffusers' clean latent (guidance.ddim.finish). `keep`
     (guidance.ddim.keep_outside): inpainting, applied to the edit and the reference after every step.
     """
@@ -154,7 +161,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                 denoised = denoise_cfg(x_edit, sigma)
             else:
                 ids = {} if contrastive is not None else None          # one set of patch locations per step
-                paired = denoise_pair is not None and contrastive is None and x_edit is not x_ref
+                paired = denoise_pair is not None and pair_guidance and contrastive is None and x_edit is not x_ref
                 if paired:
                     paired_steps += 1
                     x_u, x_c, loss = xa_guidance_pair(x_edit, sigma, denoise_pair, ref_maps, i, lam, sites)

@@ -19,11 +19,13 @@ Neither touches the MODEL or the conditioning: both act on the per-run objects a
 from __future__ import annotations
 
 import functools
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 from ..attention_patches.controller import attn1_replace, attn2_replace, over
 from ..attention_patches.features import attn1_output_capture
+from ..guidance.autograd import autograd_parameters, checkpointed
 
 _OWN = (attn1_replace, attn2_replace, attn1_output_capture)     # Z2I's own patches save maps it needs as they are
 GUARDED = "_z2i_inplace_guarded"
@@ -58,6 +60,49 @@ def guided_networks(model, extra_args: dict) -> list:
         else:
             nets.extend(v for v in getattr(fn, "__dict__", {}).values() if isinstance(v, torch.nn.Module))
     return nets
+
+
+# Guided calls recompute the activations of layers on at least this many latent positions during the backward pass
+# instead of keeping them (32x32 and up: SD1.x's two finest levels at 512 px, its finest at 256 px; SDXL's two
+# finest at 1024 px), where they dominate memory (docs/DEVELOPING.md "Memory of a guided call"); smaller layers
+# keep theirs (recomputing them would cost time and save little). Tests lower it to exercise the path.
+CHECKPOINT_POSITIONS = 32 * 32
+
+
+def large_latent(x: torch.Tensor) -> bool:
+    """A latent whose finest layers are checkpointed: guided samplers then also run their guided rows one at a
+    time (one row's graph at a time) rather than batched."""
+    return x.shape[-2] * x.shape[-1] >= CHECKPOINT_POSITIONS
+
+
+def _large(x, *args, **kwargs) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and large_latent(x)
+
+
+def checkpoint_layers(nets) -> list:
+    """The ResBlocks and SpatialTransformers of `nets` (UNets, ControlNets), each once: the layers whose
+    activations a guided call may recompute (guidance.autograd.checkpointed)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    seen, out = set(), []
+    for net in nets:
+        for m in net.modules():
+            if isinstance(m, (ResBlock, SpatialTransformer)) and id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+@contextmanager
+def gradients_through(nets):
+    """Backward passes through `nets` (the UNet and what runs with it, or a VAE) inside the block: their
+    inference-mode weights aliased for autograd (guidance.autograd.autograd_parameters) and the activations of
+    their large layers recomputed instead of kept (CHECKPOINT_POSITIONS). The one entry point of every guided
+    sampler and trainer, so a fix here reaches every method."""
+    with ExitStack() as stack:
+        stack.enter_context(autograd_parameters(*nets))
+        stack.enter_context(checkpointed(checkpoint_layers(nets), when=_large))
+        yield
 
 
 def _patch_functions(to: dict):

@@ -12,7 +12,7 @@ from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, seeded_noise_sampler
-from ._compose import guard_inplace, guided_networks, inpainting, own_rng, rows_of
+from ._compose import gradients_through, guard_inplace, guided_networks, inpainting, own_rng, rows_of
 from ._host import Z2IInputError, check_sampler_inputs, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
@@ -39,7 +39,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     rows = rows_of(model)          # each image evaluated as alone (guidance.ddim.per_row)
     with ExitStack() as stack:
         if weight != 0 or style is not None:
-            stack.enter_context(autograd_parameters(*guided_networks(model, extra_args)))
+            stack.enter_context(gradients_through(guided_networks(model, extra_args)))
             extra_args = {**extra_args, "model_options": guard_inplace(extra_args.get("model_options", {}))}
         extra_loss = _style_loss(stack, style, base, traj, x, extra_args.get("seed")) if style else None
         for i in range(n):

@@ -9,10 +9,10 @@ from comfy_api.latest import io
 from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace
 from ..attention_patches.features import FEATURE_KEY, FeatureCall, attn1_output_capture
 from ..attention_patches.sites import cross_attention_sites, select_sites
-from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import model_sigma_floor
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
-from ._compose import guard_inplace, guided_networks, inpainting, own_rng, per_image_conds, with_z2i_attn2
+from ._compose import (gradients_through, guard_inplace, guided_networks, inpainting, large_latent, own_rng,
+                       per_image_conds, with_z2i_attn2)
 from .sampling import INVERSION_TIP
 from .types import InversionType
 from ._host import Z2IInputError, check_sampler_inputs, interruptible
@@ -180,10 +180,10 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
         sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
         contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model),
-        denoise_pair=calls.denoise_pair() if pair else None, keep=keep)
+        denoise_pair=calls.denoise_pair() if pair else None, keep=keep, pair_guidance=not large_latent(x))
     if xa_guidance == 0:
         return run()
-    with autograd_parameters(*guided_networks(model, extra_args or {})):
+    with gradients_through(guided_networks(model, extra_args or {})):
         return run()
 
 

@@ -24,7 +24,7 @@ from ._host import (Z2IInputError, check_inversion, check_latent, check_sampler_
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
-from ._compose import analysis_options, inpainting, own_rng, per_image_conds, rows_of
+from ._compose import analysis_options, gradients_through, inpainting, own_rng, per_image_conds, rows_of
 from .sampling import INVERSION_TIP
 from .types import InversionType
 
@@ -265,7 +265,7 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
 
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(autograd_parameters(base.diffusion_model))
+        stack.enter_context(gradients_through([base.diffusion_model]))
         decode = image_decoder(vae, base, TRAIN)
         stack.enter_context(autograd_parameters(vae.first_stage_model))
         stack.enter_context(torch.enable_grad())

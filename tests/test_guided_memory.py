@@ -1,0 +1,119 @@
+"""Memory of a guided call (issue 19): the large layers' activations are recomputed in the backward pass instead of
+kept (guidance.autograd.checkpointed via nodes._compose.gradients_through), and pix2pix-zero guides its two halves
+one after the other on large latents. The tests lower the size from which this applies to every layer of the tiny
+64 px graphs and check that every gradient-guided method gives the same edit as with every activation kept, alone
+and inside a graph with a ControlNet, FreeU_V2 (an in-place foreign patch) and ToMe (random token merging).
+"""
+import sys
+
+import pytest
+import torch
+
+from z2i.tests import test_agg_nodes, test_asyrp_train_nodes, test_pix2pix_zero
+from z2i.tests.test_composition import _at_128, freeu_v2, patched_after_checkpoint, splice_controlnet
+
+pytestmark = pytest.mark.host
+
+
+def _compose(host):
+    name = host.node_classes["Z2I_Pix2PixZeroSampler"].__module__          # the pack as the host loaded it
+    return sys.modules[name.rsplit(".", 1)[0] + "._compose"]
+
+
+@pytest.fixture
+def checkpoint_everything(host, monkeypatch):
+    """Every layer of every guided call checkpointed (CHECKPOINT_POSITIONS 1), counting the recomputations."""
+    compose = _compose(host)
+    mod = sys.modules[compose.__name__.rsplit(".", 2)[0] + ".guidance.autograd"]
+    counts = {"recomputed": 0}
+    original = mod._RECOMPUTING
+
+    class Counting:
+        def get(self):
+            return original.get()
+
+        def set(self, v):
+            counts["recomputed"] += 1
+            return original.set(v)
+
+        def reset(self, token):
+            original.reset(token)
+
+    monkeypatch.setattr(mod, "_RECOMPUTING", Counting())
+
+    def switch(value):
+        monkeypatch.setattr(compose, "CHECKPOINT_POSITIONS", 1 if value else 32 * 32)
+    switch(False)
+    return switch, counts
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _samples(host, p):
+    return host.run_prompt(p, targets=["s"], fresh_cache=True).output("s", 0)["samples"]
+
+
+P2P = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1)  # noqa: E731
+ZEROCON = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1, sampler=dict(test_pix2pix_zero.ZEROCON))  # noqa: E731
+AGG = lambda ckpt: test_agg_nodes.graph(ckpt, weight=1.0)  # noqa: E731
+
+
+@pytest.mark.parametrize("method", ["pix2pix-zero", "zeroCon", "AGG"])
+def test_recomputed_activations_give_the_same_edit(host, checkpoints, checkpoint_everything, method):
+    """Checkpointing recomputes the same operations on the same frozen per-call state: the edit is the same to
+    float rounding (pix2pix-zero also guides its halves one by one then, which changes the kernels' batch)."""
+    switch, counts = checkpoint_everything
+    build = {"pix2pix-zero": P2P, "zeroCon": ZEROCON, "AGG": AGG}[method]
+    kept = _samples(host, build(checkpoints["sd15"]))
+    assert counts["recomputed"] == 0
+    switch(True)
+    recomputed = _samples(host, build(checkpoints["sd15"]))
+    assert counts["recomputed"] > 0, "no layer was recomputed"
+    assert _rel(recomputed, kept) < 1e-5, _rel(recomputed, kept)
+
+
+def test_h_direction_training_with_recomputed_activations(host, checkpoints, checkpoint_everything):
+    switch, counts = checkpoint_everything
+    p = test_asyrp_train_nodes.graph(checkpoints["sd15"], iterations=2)
+    kept = host.run_prompt(p, targets=["train"], fresh_cache=True).output("train", 0)
+    switch(True)
+    recomputed = host.run_prompt(p, targets=["train"], fresh_cache=True).output("train", 0)
+    assert counts["recomputed"] > 0
+    h, t = torch.randn(1, 320, 1, 1, generator=torch.Generator().manual_seed(0)), torch.tensor([600.0])
+    a, b = kept.delta_for(h, t), recomputed.delta_for(h, t)
+    assert _rel(b, a) < 1e-4, _rel(b, a)           # a trained MLP: backward sums in thread order
+
+
+@pytest.mark.parametrize("method", ["pix2pix-zero", "AGG"])
+def test_recomputation_inside_a_graph_with_controlnet_freeu_and_tome(host, checkpoints, checkpoint_everything,
+                                                                     method, monkeypatch):
+    """The ControlNet's layers are checkpointed too (it runs inside the guided call); FreeU_V2 writes in place into
+    activations; ToMe draws random token merges from the global RNG inside the layers, which the recomputation must
+    draw again identically (torch's preserve_rng_state). 128 px: FreeU needs a deepest level larger than 1x1.
+    pix2pix-zero guides its halves one by one in both runs here (paired or not, ToMe draws different merges)."""
+    import comfy.sample
+    switch, counts = checkpoint_everything
+    attention = sys.modules[host.node_classes["Z2I_Pix2PixZeroSampler"].__module__]
+    monkeypatch.setattr(attention, "large_latent", lambda x: True)
+    build = _at_128({"pix2pix-zero": P2P, "AGG": AGG}[method])
+    p = patched_after_checkpoint(splice_controlnet(build(checkpoints["sd15"])), "ToMe")
+
+    def run():
+        s = p["s"]["inputs"]
+        res = host.run_prompt(p, targets=["sampler", s["model"][0], s["positive"][0], s["negative"][0],
+                                          s["latent_image"][0], s["sigmas"][0]], fresh_cache=True)
+        out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
+        latent = out(s["latent_image"])["samples"]
+        with torch.inference_mode():
+            return comfy.sample.sample_custom(freeu_v2(out(s["model"])), torch.zeros_like(latent), s["cfg"],
+                                              out(["sampler", 0]), out(s["sigmas"]), out(s["positive"]),
+                                              out(s["negative"]), latent)
+
+    kept = run()
+    switch(True)
+    recomputed = run()
+    assert counts["recomputed"] > 0
+    assert torch.isfinite(kept).all() and torch.isfinite(recomputed).all()
+    assert _rel(recomputed, kept) < 1e-5, _rel(recomputed, kept)
