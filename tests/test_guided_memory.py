@@ -55,9 +55,12 @@ def _samples(host, p):
     return host.run_prompt(p, targets=["s"], fresh_cache=True).output("s", 0)["samples"]
 
 
-P2P = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1)  # noqa: E731
-ZEROCON = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1, sampler=dict(test_pix2pix_zero.ZEROCON))  # noqa: E731
-AGG = lambda ckpt: test_agg_nodes.graph(ckpt, weight=1.0)  # noqa: E731
+# 3 steps: the first step of pix2pix-zero's code form has no caption-half gradient (x_u = the reference), so the
+# later steps carry both halves' backward passes
+P2P = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1, steps=3)  # noqa: E731
+ZEROCON = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1, steps=3,  # noqa: E731
+                                               sampler=dict(test_pix2pix_zero.ZEROCON))
+AGG = lambda ckpt: test_agg_nodes.graph(ckpt, weight=1.0, steps=3)  # noqa: E731
 
 
 @pytest.mark.parametrize("method", ["pix2pix-zero", "zeroCon", "AGG"])
@@ -76,7 +79,7 @@ def test_recomputed_activations_give_the_same_edit(host, checkpoints, checkpoint
 
 def test_h_direction_training_with_recomputed_activations(host, checkpoints, checkpoint_everything):
     switch, counts = checkpoint_everything
-    p = test_asyrp_train_nodes.graph(checkpoints["sd15"], iterations=2)
+    p = test_asyrp_train_nodes.graph(checkpoints["sd15"], iterations=2, steps=4)
     kept = host.run_prompt(p, targets=["train"], fresh_cache=True).output("train", 0)
     switch(True)
     recomputed = host.run_prompt(p, targets=["train"], fresh_cache=True).output("train", 0)

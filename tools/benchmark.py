@@ -310,6 +310,18 @@ def run_peer(host, size: int, steps: int, repeats: int, plain_time: float, resul
               f"(frozen UNet: {ratios['time_frozen']:.2f}x, {ratios['mem_frozen']:.2f}x)", flush=True)
 
 
+def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+    """glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which such blocks come
+    from the heap and stay in the RSS when freed: the RSS then keeps the largest transient of any earlier run. A fixed
+    threshold (mallopt M_MMAP_THRESHOLD, as MALLOC_MMAP_THRESHOLD_=131072 does) returns every large tensor's memory
+    on free, so each method's peak is its own live memory."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)      # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -341,6 +353,7 @@ def main() -> None:
 
     import logging
     logging.basicConfig(level=logging.ERROR)
+    fixed_mmap_threshold()
     import torch
     from z2i.headless.host import Host
     host = Host.get()
@@ -566,7 +579,8 @@ def write_markdown(path: Path, results: list, args) -> None:
               "- UNet rows / step counts batch rows through the UNet: CFG (cond + uncond) is 2 rows. Plain sampling, "
               "our DDIM, pix2pix-zero and CSG run at cfg 5; inversion and Asyrp at cfg 1 (their papers' setting), "
               "where ComfyUI skips the unconditional half. pix2pix-zero in its default (official-code) form runs a "
-              "reference row, the two CFG halves' guided rows in one batched call with one backward pass (only the edited "
+              "reference row, the two CFG halves' guided rows (in one batched call with one backward pass below 256 px; "
+              "one half after the other from 256 px, so one half's graph is alive at a time; only the edited "
               "half at the first step, where the caption half's gradient is zero) and re-evaluates both halves at "
               "their moved latents in one batched call; CSG's mixup adds one source row per step; AGG backpropagates through the CFG call in its guided steps "
               "only (the numbers are per-step averages over all steps).",
@@ -577,9 +591,13 @@ def write_markdown(path: Path, results: list, args) -> None:
               "node (its inversion, then per editing step one no-grad source row, one no-grad edited row and one "
               "edited row with delta_h and a backward pass from the UNet output to delta_h); it runs once per "
               "direction, not per image edited.",
-              "- Peak RSS is measured after glibc's malloc_trim, so it is the run's own transient memory. Gradient "
-              "guidance aliases the inference-mode weights (no copy), so pix2pix-zero's extra is activations "
-              "kept for the backward pass and the one step of reference maps.",
+              "- Peak RSS is measured after glibc's malloc_trim with a fixed mmap threshold (tools/benchmark.py "
+              "fixed_mmap_threshold), so it is the run's own live memory. Gradient guidance aliases the "
+              "inference-mode weights (no copy); the layers of a guided call on 32x32 latent positions and more "
+              "(256 px and up on SD1.5) recompute their activations in the backward pass instead of keeping them "
+              "(nodes/_compose.py CHECKPOINT_POSITIONS), so pix2pix-zero's extra is the small layers' "
+              "activations, the checkpointed layers' inputs, one layer's recomputation and one step of "
+              "reference maps.",
               "- The tiny model's 8x8 and 16x16 latents make fixed per-step overheads (callbacks, previews) a "
               "larger share than on a real model at 512 px; ratios near 1 are within the noise of a shared "
               "2-core machine: the spread reaches 10-15% (compare the Z2I DDIM rows, which do exactly core's work)."]
