@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from z2i.tests import test_agg_nodes, test_asyrp_train_nodes, test_pix2pix_zero
-from z2i.tests.test_composition import _at_128, freeu_v2, patched_after_checkpoint, splice_controlnet
+from z2i.tests.helpers import two_image_batch
+from z2i.tests.test_composition import _at_128, _samples as composed_samples, freeu_v2, patched_after_checkpoint, \
+    splice_controlnet
 
 pytestmark = pytest.mark.host
 
@@ -63,12 +65,14 @@ ZEROCON = lambda ckpt: test_pix2pix_zero.graph(ckpt, 0.1, steps=3,  # noqa: E731
 AGG = lambda ckpt: test_agg_nodes.graph(ckpt, weight=1.0, steps=3)  # noqa: E731
 
 
-@pytest.mark.parametrize("method", ["pix2pix-zero", "zeroCon", "AGG"])
+@pytest.mark.parametrize("method", ["pix2pix-zero", "zeroCon", "AGG", "pix2pix-zero, two images"])
 def test_recomputed_activations_give_the_same_edit(host, checkpoints, checkpoint_everything, method):
     """Checkpointing recomputes the same operations on the same frozen per-call state: the edit is the same to
-    float rounding (pix2pix-zero also guides its halves one by one then, which changes the kernels' batch)."""
+    float rounding (pix2pix-zero also guides its halves one by one then, which changes the kernels' batch). With a
+    batch of two different images each row is evaluated alone, and its recomputation must see its own row."""
     switch, counts = checkpoint_everything
-    build = {"pix2pix-zero": P2P, "zeroCon": ZEROCON, "AGG": AGG}[method]
+    build = {"pix2pix-zero": P2P, "zeroCon": ZEROCON, "AGG": AGG,
+             "pix2pix-zero, two images": lambda ckpt: two_image_batch(P2P(ckpt), "ab")}[method]
     kept = _samples(host, build(checkpoints["sd15"]))
     assert counts["recomputed"] == 0
     switch(True)
@@ -96,23 +100,14 @@ def test_recomputation_inside_a_graph_with_controlnet_freeu_and_tome(host, check
     activations; ToMe draws random token merges from the global RNG inside the layers, which the recomputation must
     draw again identically (torch's preserve_rng_state). 128 px: FreeU needs a deepest level larger than 1x1.
     pix2pix-zero guides its halves one by one in both runs here (paired or not, ToMe draws different merges)."""
-    import comfy.sample
     switch, counts = checkpoint_everything
     attention = sys.modules[host.node_classes["Z2I_Pix2PixZeroSampler"].__module__]
     monkeypatch.setattr(attention, "large_latent", lambda x: True)
     build = _at_128({"pix2pix-zero": P2P, "AGG": AGG}[method])
     p = patched_after_checkpoint(splice_controlnet(build(checkpoints["sd15"])), "ToMe")
 
-    def run():
-        s = p["s"]["inputs"]
-        res = host.run_prompt(p, targets=["sampler", s["model"][0], s["positive"][0], s["negative"][0],
-                                          s["latent_image"][0], s["sigmas"][0]], fresh_cache=True)
-        out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
-        latent = out(s["latent_image"])["samples"]
-        with torch.inference_mode():
-            return comfy.sample.sample_custom(freeu_v2(out(s["model"])), torch.zeros_like(latent), s["cfg"],
-                                              out(["sampler", 0]), out(s["sigmas"]), out(s["positive"]),
-                                              out(s["negative"]), latent)
+    def run():        # the upstream nodes take no gradient: only the sampling (not cached) differs
+        return composed_samples(host, p, freeu_v2)
 
     kept = run()
     switch(True)
