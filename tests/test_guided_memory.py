@@ -11,8 +11,9 @@ import torch
 
 from z2i.tests import test_agg_nodes, test_asyrp_train_nodes, test_pix2pix_zero
 from z2i.tests.helpers import two_image_batch
+from z2i.tests.test_agg_nodes import lora_file  # noqa: F401  (fixture: writes the test LoRA)
 from z2i.tests.test_composition import _at_128, _samples as composed_samples, freeu_v2, patched_after_checkpoint, \
-    splice_controlnet
+    splice_controlnet, splice_lora
 
 pytestmark = pytest.mark.host
 
@@ -94,9 +95,9 @@ def test_h_direction_training_with_recomputed_activations(host, checkpoints, che
 
 
 @pytest.mark.parametrize("method", ["pix2pix-zero", "AGG"])
-def test_recomputation_inside_a_graph_with_controlnet_freeu_and_tome(host, checkpoints, checkpoint_everything,
-                                                                     method, monkeypatch):
-    """The ControlNet's layers are checkpointed too (it runs inside the guided call); FreeU_V2 writes in place into
+def test_recomputation_inside_a_graph_with_controlnet_lora_freeu_and_tome(host, checkpoints, checkpoint_everything,
+                                                                          method, monkeypatch, lora_file):
+    """A LoRA on the MODEL (its patched weights are what the recomputation runs); the ControlNet's layers are checkpointed too (it runs inside the guided call); FreeU_V2 writes in place into
     activations; ToMe draws random token merges from the global RNG inside the layers, which the recomputation must
     draw again identically (torch's preserve_rng_state). 128 px: FreeU needs a deepest level larger than 1x1.
     pix2pix-zero guides its halves one by one in both runs here (paired or not, ToMe draws different merges)."""
@@ -104,7 +105,7 @@ def test_recomputation_inside_a_graph_with_controlnet_freeu_and_tome(host, check
     attention = sys.modules[host.node_classes["Z2I_Pix2PixZeroSampler"].__module__]
     monkeypatch.setattr(attention, "large_latent", lambda x: True)
     build = _at_128({"pix2pix-zero": P2P, "AGG": AGG}[method])
-    p = patched_after_checkpoint(splice_controlnet(build(checkpoints["sd15"])), "ToMe")
+    p = patched_after_checkpoint(splice_lora(splice_controlnet(build(checkpoints["sd15"]))), "ToMe")
 
     def run():        # the upstream nodes take no gradient: only the sampling (not cached) differs
         return composed_samples(host, p, freeu_v2)
