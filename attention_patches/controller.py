@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance.autograd import recomputing
-from .probs import apply_probs, attention_probs, match_tokens, split_heads
+from .probs import apply_probs, attention_probs, head_mean, match_tokens, split_heads
 from .sites import Site
 
 CALL_KEY = "z2i_attention_call"            # the AttentionCall for cross-attention (attn2)
@@ -40,8 +40,22 @@ class AttentionController:
     is `cond_index` (an index into the cond list of that UNet call, ComfyUI's cond_or_uncond).
     """
 
+    # A controller that only reads the head-averaged map (probs.mean(1)) sets this and implements process_mean:
+    # where every controller of a layer is such a reader, the patch computes that mean one head at a time and the
+    # layer's output with the host's attention kernel, so a [b, heads, N, N] self-attention map at a large layer
+    # is never held (N = 4096 at 512 px: 0.5 GB per map in fp32 for 8 heads, against 64 MB for the mean).
+    head_mean_only = False
+
     def process(self, probs: torch.Tensor, site: Site, cond_index: int, call: "AttentionCall") -> torch.Tensor:
         return probs
+
+    def wants(self, site: Site, hw: tuple[int, int], call: "AttentionCall") -> bool:
+        """Whether this controller needs the maps of `site` (a layer of hw = (h, w) query positions) in this call;
+        a layer no controller wants runs plain attention, its maps never computed."""
+        return True
+
+    def process_mean(self, mean: torch.Tensor, site: Site, cond_index: int, call: "AttentionCall") -> None:
+        """The head-averaged maps [b, Nq, Nk] (float32) of one batch chunk, for head_mean_only controllers."""
 
 
 @dataclass
@@ -274,12 +288,20 @@ def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=Non
         # an area-conditioned crop (ConditioningSetArea): its maps cover a part of the image at another
         # resolution, so controllers see only full-frame calls and the crop runs plain attention
         return plain()
-    probs = attention_probs(q, k, heads)
+    controllers = [c for c in call.controllers if c.wants(site, call_hw(call, q.shape[1]), call)]
+    if not controllers:
+        return plain()
     cou = list(extra_options.get("cond_or_uncond") or [0])
+    if all(c.head_mean_only for c in controllers):
+        for cond_index, mean in zip(cou, head_mean(q, k, heads).chunk(len(cou))):
+            for c in controllers:
+                c.process_mean(mean, site, cond_index, call)
+        return plain()
+    probs = attention_probs(q, k, heads)
     chunks = list(probs.chunk(len(cou))) if len(cou) > 1 else [probs]
     changed = False
     for ci, (cond_index, chunk) in enumerate(zip(cou, chunks)):
-        for c in call.controllers:
+        for c in controllers:
             new = c.process(chunk, site, cond_index, call)
             if new is not chunk:
                 chunk, changed = new, True

@@ -4,7 +4,8 @@
   and over the layers at or coarser than the mask resolution (each upsampled to it), normalised by its
   maximum at every timestep and averaged over time (the authors' code; algorithms-review.md #8).
 - SelfAttentionMean: the head-averaged self-attention map A [HW, HW] of one layer at the mask resolution,
-  averaged over time as a running mean (CSG pitfall 4: never stack every step).
+  averaged over time as a running mean (CSG pitfall 4: never stack every step); the mean over heads is computed
+  one head at a time and only at that layer once the first step has found it.
 - content_mask: M_hat = A_bar @ M_bar (Eq. 11, a mat-vec per image), clamped to [0, 1]; the background
   probability is P = 1 - M_hat (Eq. 12). It is not renormalised here: the posterior pull uses it as it is, and
   the mixup divides the object mask by its maximum per layer (controller.renormalise_background), both as in
@@ -32,6 +33,9 @@ class TokenMapMean(AttentionController):
         self._layers: dict[int, list] = {}
         self.total: Optional[torch.Tensor] = None
         self.steps = 0
+
+    def wants(self, site: Site, hw: tuple[int, int], call: AttentionCall) -> bool:
+        return hw[0] <= self.max_hw[0] and hw[1] <= self.max_hw[1]
 
     def process(self, probs, site: Site, cond_index: int, call: AttentionCall):
         if cond_index != self.cond:
@@ -71,15 +75,24 @@ class SelfAttentionMean(AttentionController):
         self.site: Optional[Site] = None
         self._current: dict[int, tuple] = {}
 
-    def process(self, probs, site: Site, cond_index: int, call: AttentionCall):
-        if site.block != "output" or cond_index != self.cond:
-            return probs
-        hw = call_hw(call, probs.shape[2])
-        if hw[0] > self.target[0] or hw[1] > self.target[1]:
-            return probs
+    head_mean_only = True       # the map is computed one head at a time (controller.head_mean)
+
+    def wants(self, site: Site, hw: tuple[int, int], call: AttentionCall) -> bool:
+        if site.block != "output" or hw[0] > self.target[0] or hw[1] > self.target[1]:
+            return False
+        # once the first step has found the layer, the other layers' maps are not computed at all
+        return self.site is None or (site == self.site and tuple(hw) == tuple(self.hw))
+
+    def process_mean(self, mean, site: Site, cond_index: int, call: AttentionCall) -> None:
+        if cond_index != self.cond or not self.wants(site, call_hw(call, mean.shape[1]), call):
+            return
+        hw = call_hw(call, mean.shape[1])
         best = self._current.get(call.step)
         if best is None or hw[0] * hw[1] >= best[0][0] * best[0][1]:
-            self._current[call.step] = (hw, site, probs.mean(1).float().detach())
+            self._current[call.step] = (hw, site, mean.float().detach())
+
+    def process(self, probs, site: Site, cond_index: int, call: AttentionCall):
+        self.process_mean(probs.mean(1), site, cond_index, call)
         return probs
 
     def end_step(self, step: int) -> None:

@@ -26,6 +26,18 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     return torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
 
 
+def head_mean(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """attention_probs(q, k, heads).mean(1) -> [b, Nq, Nk] in float32, computed one head at a time: holds two
+    [b, Nq, Nk] maps instead of heads + 1 (the heads are summed in order, then divided by their number)."""
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    total = None
+    for h in range(heads):
+        p = torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)
+        total = p if total is None else total.add_(p)
+    return total.div_(heads)
+
+
 def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """probs [b, h, Nq, Nk] @ v -> [b, Nq, h*d] in v's dtype."""
     vh = split_heads(v, heads)

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from z2i.attention_patches.controller import (CALL_KEY, AttentionCall, Capture, MapStore, Mixup, attn2_replace,
-                                              resize_mask)
-from z2i.attention_patches.probs import attention_probs, attention_with_probs, split_heads
+from z2i.attention_patches.controller import (CALL_KEY, SELF_CALL_KEY, AttentionCall, AttentionController, Capture,
+                                              MapStore, Mixup, attn1_replace, attn2_replace, resize_mask)
+from z2i.attention_patches.csg_mask import SelfAttentionMean
+from z2i.attention_patches.probs import attention_probs, attention_with_probs, head_mean, split_heads
 from z2i.attention_patches.sites import Site, select_sites
 from z2i.guidance.losses import cross_attention_loss
 
@@ -103,6 +104,69 @@ def test_call_site_filter():
     call = AttentionCall(0, [Capture(store)], sites=frozenset({Site("input", 1, 0)}))
     attn2_replace(q, k, v, {"n_heads": 8, "block": ("output", 3), "block_index": 0, CALL_KEY: call})
     assert store.steps_held == 0
+
+
+def test_head_mean_one_head_at_a_time_equals_the_mean_of_the_maps():
+    q, k, _ = qkv(b=2, n=64, m=64)
+    full = attention_probs(q, k, 8).mean(1)
+    got = head_mean(q, k, 8)
+    assert got.shape == (2, 64, 64) and got.dtype == torch.float32
+    assert ((got - full).abs().max() / full.abs().max()).item() < 1e-6
+
+
+class Counting(AttentionController):
+    def __init__(self, want):
+        self.want, self.seen = want, []
+
+    def wants(self, site, hw, call):
+        return self.want(site, hw)
+
+    def process(self, probs, site, cond_index, call):
+        self.seen.append((site, tuple(probs.shape)))
+        return probs * 0 + 1.0 / probs.shape[-1]        # a rewrite, so a wanted layer's output visibly changes
+
+
+def test_a_layer_no_controller_wants_runs_plain_attention():
+    """wants() is asked before any map is computed: an unwanted layer gets the plain kernel's output and its
+    controllers never see it; a wanted one is processed as before."""
+    q, k, v = qkv(b=1)
+    opts = {"n_heads": 8, "block": ("output", 3), "block_index": 0, "original_shape": [1, 4, 8, 8]}
+    plain = attn2_replace(q, k, v, opts)
+    skip = Counting(lambda site, hw: site.block == "input")
+    out = attn2_replace(q, k, v, {**opts, CALL_KEY: AttentionCall(0, [skip])})
+    assert torch.equal(out, plain) and skip.seen == []
+    take = Counting(lambda site, hw: hw == (8, 8))
+    out = attn2_replace(q, k, v, {**opts, CALL_KEY: AttentionCall(0, [take])})
+    assert take.seen == [(Site("output", 3, 0), (1, 8, 64, 77))] and not torch.allclose(out, plain, atol=1e-3)
+
+
+def test_self_attention_mean_reads_one_head_at_a_time_and_only_its_layer_after_the_first_step(monkeypatch):
+    """The content mask's self-attention reader: the layer's output is the plain kernel's (the [b, heads, N, N]
+    maps are never built: attention_probs is not called), its map equals the mean of the full maps, and from the
+    second step on only the layer found in the first step is read."""
+    import z2i.attention_patches.controller as ctl
+    q, k, v = qkv(b=1, n=64, m=64)
+    first, second = Site("output", 3, 0), Site("output", 3, 1)
+    opts = lambda site: {"n_heads": 8, "block": (site.block, site.id), "block_index": site.index,  # noqa: E731
+                         "original_shape": [1, 4, 8, 8]}
+    full = attention_probs(q, k, 8).mean(1)
+    calls = []
+    real = ctl.attention_probs
+    monkeypatch.setattr(ctl, "attention_probs", lambda *a: calls.append(1) or real(*a))
+    sa = SelfAttentionMean((8, 8))
+    for step in range(2):
+        for site, scale in ((first, 1.0), (second, 0.5)):
+            call = AttentionCall(step, [sa])
+            out = attn1_replace(q * scale, k, v, {**opts(site), SELF_CALL_KEY: call})
+            assert torch.allclose(out, reference_attention(q * scale, k, v, 8), atol=1e-5)
+        if step == 0:
+            assert sa.wants(first, (8, 8), call) and sa.wants(second, (8, 8), call)
+        sa.end_step(step)
+        assert sa.site == second and not sa.wants(first, (8, 8), call) and not sa.wants(second, (4, 4), call)
+    assert calls == []
+    want = attention_probs(q * 0.5, k, 8).mean(1)
+    assert ((sa.mean() - want).abs().max() / want.abs().max()).item() < 1e-6
+    assert not torch.allclose(sa.mean(), full, atol=1e-3)
 
 
 def test_select_sites():

@@ -261,7 +261,9 @@ def run_peer(host, size: int, steps: int, repeats: int, plain_time: float, resul
 
     single = json.loads(json.dumps(prompt))
     single["sampler"]["inputs"]["guidance_form"] = "single latent (paper Alg. 1)"
-    host.run_prompt(single, targets=["dec"])                # warm-up
+    full = size < LARGE       # from LARGE up: our default form against the pipeline as shipped only
+    if full:
+        host.run_prompt(single, targets=["dec"])            # warm-up
 
     def ours(graph):
         def go(r):
@@ -279,9 +281,16 @@ def run_peer(host, size: int, steps: int, repeats: int, plain_time: float, resul
 
     runs = {OURS: (ours(prompt), model.model.diffusion_model), OURS_SINGLE: (ours(single), model.model.diffusion_model),
             SHIPPED: (diffusers(False), pipe.unet), FROZEN: (diffusers(True), pipe.unet)}
-    for name, (fn, _) in runs.items():
-        if name not in (OURS, OURS_SINGLE):
-            fn(-1)                                           # warm-up (the pipeline rewires its UNet once)
+    if not full:
+        runs = {k: v for k, v in runs.items() if k in (OURS, SHIPPED)}
+    if full:
+        for name, (fn, _) in runs.items():
+            if name not in (OURS, OURS_SINGLE):
+                fn(-1)                                       # warm-up (the pipeline rewires its UNet once)
+    else:                                                    # the rewiring needs no full-length edit
+        pipe.unet.requires_grad_(True)
+        peer.reset(pipe)
+        peer.edit(pipe, latent, src, src, delta, 2, PEER_CFG, PEER_XA, 0, size)
     meas = {name: [] for name in runs}
     names = list(runs)
     for r in range(repeats):
@@ -302,12 +311,22 @@ def run_peer(host, size: int, steps: int, repeats: int, plain_time: float, resul
               f"  backward/step {row['backward_per_step']:.1f}  peak +{row['peak_extra_mb']:.0f} MB", flush=True)
     for form, mine in (("official-code form", OURS), ("single-latent form", OURS_SINGLE)):
         ratios = {"size": size, "peer_ratios": True, "form": form, "conversion": dict(_PIPE["check"])}
+        if mine not in meas:
+            continue
         for label, other in (("", SHIPPED), ("_frozen", FROZEN)):
+            if other not in meas:
+                ratios["time" + label] = ratios["mem" + label] = None
+                continue
             ratios["time" + label] = statistics.median(a[0] / b[0] for a, b in zip(meas[mine], meas[other]))
-            ratios["mem" + label] = statistics.median(a[3] / max(b[3], 1e-9) for a, b in zip(meas[mine], meas[other]))
+            mem = [a[3] / b[3] for a, b in zip(meas[mine], meas[other]) if b[3] >= 1.0]
+            ratios["mem" + label] = statistics.median(mem) if mem else None    # a peak under 1 MB: no ratio
         results.append(ratios)
-        print(f"{size:4d}px  ours ({form}) / diffusers: time {ratios['time']:.2f}x, peak RSS {ratios['mem']:.2f}x "
-              f"(frozen UNet: {ratios['time_frozen']:.2f}x, {ratios['mem_frozen']:.2f}x)", flush=True)
+        print(f"{size:4d}px  ours ({form}) / diffusers: time {ratios['time']:.2f}x, peak RSS {fmt(ratios['mem'])} "
+              f"(frozen UNet: {fmt(ratios['time_frozen'])}, {fmt(ratios['mem_frozen'])})", flush=True)
+
+
+def fmt(v, spec=".2f", unit="x") -> str:
+    return "not measured" if v is None else f"{v:{spec}}{unit}"
 
 
 def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
@@ -325,7 +344,10 @@ def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sizes", default="64,128,256,512",
+    ap.add_argument("--large-steps", type=int, default=4,
+                    help=f"steps at image sides of {LARGE} px and more and on SDXL (every ratio divides by plain "
+                         "sampling with the same steps)")
+    ap.add_argument("--sizes", default="128,256,512",
                     help="image sizes in pixels for the tiny SD1.5 checkpoint (latent = size / 8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--large-repeats", type=int, default=1,
@@ -333,8 +355,12 @@ def main() -> None:
     ap.add_argument("--sdxl-sizes", default="1024",
                     help="image sizes for the tiny SDXL checkpoint (plain DDIM, inversion, pix2pix-zero, CSG, "
                          "Asyrp); empty for none")
-    ap.add_argument("--peer-sizes", default="64,128,512",
-                    help="sizes (of --sizes) at which the diffusers peer is measured")
+    ap.add_argument("--peer-sizes", default="512",
+                    help=f"sizes (of --sizes) at which the diffusers peer is measured (from {LARGE} px up: our "
+                         "default form against the pipeline as shipped only)")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated prefixes of the method names to measure (plain DDIM always runs); empty "
+                         "for all")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmark.png",
                     help="with --write: the plot of cost ratio and extra memory against image side")
     ap.add_argument("--write", type=Path, help="also write the results as a markdown table to this file")
@@ -361,17 +387,23 @@ def main() -> None:
     runs = [("SD1.5", CKPT, int(s)) for s in args.sizes.split(",") if s.strip()]
     runs += [("SDXL", SDXL_CKPT, int(s)) for s in args.sdxl_sizes.split(",") if s.strip() and not args.only_peer]
     peer_sizes = {int(s) for s in args.peer_sizes.split(",") if s.strip()}
+    only = [m.strip() for m in args.methods.split(",") if m.strip()]
+    t_start = time.perf_counter()
     for family, ckpt, size in runs:
         plain_time = plain_peak = None
-        repeats = args.repeats if size < LARGE else args.large_repeats
-        for name, (extra, node, seed_input) in methods(args.steps).items():
+        large = size >= LARGE or family != "SD1.5"
+        repeats = args.large_repeats if large else args.repeats
+        steps = args.large_steps if large else args.steps
+        for name, (extra, node, seed_input) in methods(steps).items():
             if args.only_peer and name != PLAIN:
+                continue
+            if only and name != PLAIN and not name.startswith(tuple(only)):
                 continue
             if family == "SDXL" and not name.startswith(SDXL_METHODS):
                 continue
             if size >= LARGE and name.startswith(SMALL_ONLY):
                 continue
-            prompt = {**base_graph(size, args.steps, ckpt), **extra}
+            prompt = {**base_graph(size, steps, ckpt), **extra}
             # warm-up: everything upstream of the timed node (model load, encodes, inversion, masks), not the node
             res = host.run_prompt(prompt, targets=[k for k in prompt if k not in (node, "s")] + ["ckpt"])
             unet = res.output("ckpt", 0).model.diffusion_model
@@ -379,6 +411,11 @@ def main() -> None:
             if name == CSG_CACHED:
                 held = res.output("mask", 3).nbytes / 2**20
             times, rows, backs, peaks = [], [], [], []
+            if name == PLAIN and repeats == 1:
+                # the denominator of every ratio: one untimed run first, so that it does not carry the one-time
+                # costs of a new size (kernel selection, allocator growth) that the methods' rows then do not
+                prompt[node]["inputs"][seed_input] = 99
+                host.run_prompt(prompt, targets=[node])
             for r in range(repeats):
                 if seed_input:
                     prompt[node]["inputs"][seed_input] = r + 1
@@ -388,8 +425,8 @@ def main() -> None:
                     host.run_prompt(prompt, targets=[node])
                 m.handle.remove()
                 times.append(m.elapsed)
-                rows.append(m.rows / args.steps)
-                backs.append(m.backwards / args.steps)
+                rows.append(m.rows / steps)
+                backs.append(m.backwards / steps)
                 peaks.append(m.peak_extra / 2**20)
             t = statistics.median(times)
             peak = statistics.median(peaks)
@@ -399,16 +436,19 @@ def main() -> None:
                             "unet_rows_per_step": statistics.median(rows),
                             "backward_per_step": statistics.median(backs),
                             "peak_extra_mb": peak, "above_plain_mb": peak - plain_peak, "repeats": repeats,
+                            "steps": steps,
                             **({"maps_held_mb": held} if held is not None else {})})
-            print(f"{family:5s} {size:4d}px  {name:50s} {t:7.2f}s  x{t / plain_time:5.2f}  rows/step "
+            print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] "
+                  f"{family:5s} {size:4d}px  {name:50s} {t:7.2f}s  x{t / plain_time:5.2f}  rows/step "
                   f"{results[-1]['unet_rows_per_step']:.1f}  backward/step {results[-1]['backward_per_step']:.1f}  "
                   f"peak +{peak:.0f} MB ({peak - plain_peak:+.0f} MB vs plain)", flush=True)
         if family != "SD1.5":
             continue
         if args.peer and size in peer_sizes:
-            run_peer(host, size, args.steps, repeats, plain_time, results)
-        if args.only_peer:
-            continue
+            run_peer(host, size, steps, repeats, plain_time, results)
+            print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] peer at {size} px done", flush=True)
+        if args.only_peer or large or (only and not "pix2pix-zero edit".startswith(tuple(only))):
+            continue        # the held reference maps are counted on the small sizes (a full extra edit each)
         # pix2pix-zero reference maps: one step held (lockstep) against what storing every step would take
         import comfy.sample
         import comfy.samplers
@@ -429,6 +469,8 @@ def main() -> None:
               flush=True)
     for name in NOT_IMPLEMENTED:
         print(f"{name}: not implemented yet")
+    args.minutes = (time.perf_counter() - t_start) / 60
+    print(f"benchmark took {args.minutes:.1f} minutes", flush=True)
     if args.write:
         write_markdown(args.write, results, args)
     print(json.dumps(results, indent=1))
@@ -439,8 +481,12 @@ PEER_HEADING = "## pix2pix-zero against diffusers' StableDiffusionPix2PixZeroPip
 
 def command(args, only_peer=False) -> str:
     extra = " --only-peer" if only_peer else ("" if args.peer else " --no-peer")
+    parts = [f"--steps {args.steps} --large-steps {args.large_steps} --sizes {args.sizes} --repeats {args.repeats} "
+             f"--large-repeats {args.large_repeats} --sdxl-sizes '{args.sdxl_sizes}' --peer-sizes '{args.peer_sizes}'"]
+    if args.methods:
+        parts.append(f"--methods '{args.methods}'")
     return ("PYTHONPATH=.host/pythonpath .venv/bin/python tools/benchmark.py "
-            f"--steps {args.steps} --sizes {args.sizes} --repeats {args.repeats}{extra} --write BENCHMARKS.md")
+            f"{' '.join(parts)}{extra} --write BENCHMARKS.md")
 
 
 def peer_markdown(results: list, args) -> list[str]:
@@ -464,8 +510,9 @@ def peer_markdown(results: list, args) -> list[str]:
                   "| time ours / diffusers, frozen UNet | peak RSS ours / diffusers, frozen UNet |",
               "|---|---|---|---|---|---|---|"]
     for r in ratios:
-        lines.append(f"| {r['size']} px | {r.get('form', '')} | {plain.get(r['size'], float('nan')):.2f} | {r['time']:.2f} | "
-                     f"{r['mem']:.2f} | {r['time_frozen']:.2f} | {r['mem_frozen']:.2f} |")
+        lines.append(f"| {r['size']} px | {r.get('form', '')} | {plain.get(r['size'], float('nan')):.2f} | "
+                     f"{fmt(r['time'], unit='')} | {fmt(r['mem'], unit='')} | {fmt(r['time_frozen'], unit='')} | "
+                     f"{fmt(r['mem_frozen'], unit='')} |")
     check = ratios[0]["conversion"] if ratios else {}
     lines += ["", "Conversion check, before any timing (the same inputs through ComfyUI's modules and the converted "
                   "ones; the benchmark stops above 1e-5): max |difference| of UNet eps (t = 901, 501, 1) "
@@ -474,20 +521,24 @@ def peer_markdown(results: list, args) -> list[str]:
               "Targets of the reference-parity issue (the default, official-code form / the pipeline as shipped, "
               "every size measured):", ""]
     for key, limit, what in (("time", 0.75, "time"), ("mem", 0.5, "peak memory")):
-        got = [r[key] for r in ratios if r.get("form", "official-code form") == "official-code form"]
-        frozen = [r[key + "_frozen"] for r in ratios if r.get("form", "official-code form") == "official-code form"]
+        main = [r for r in ratios if r.get("form", "official-code form") == "official-code form" and r[key] is not None]
+        got = [r[key] for r in main]
+        frozen = [r[key + "_frozen"] for r in main if r[key + "_frozen"] is not None]
         if got:
             verdict = "met" if max(got) <= limit else "missed"
-            lines.append(f"- pix2pix-zero full edit {what}: at most {limit}x the diffusers pipeline's -> "
-                         f"{', '.join(f'{g:.2f}x' for g in got)}: {verdict} (against the frozen UNet: "
-                         f"{', '.join(f'{g:.2f}x' for g in frozen)}: {'met' if max(frozen) <= limit else 'missed'})")
+            each = ", ".join(f"{g:.2f}x ({r['size']} px)" for g, r in zip(got, main))
+            lines.append(f"- pix2pix-zero full edit {what}: at most {limit}x the diffusers pipeline's -> {each}"
+                         f": {verdict}" + (f" (against the frozen UNet, where measured: "
+                                          f"{', '.join(f'{g:.2f}x' for g in frozen)}: "
+                                          f"{'met' if max(frozen) <= limit else 'missed'})" if frozen else ""))
     lines += ["", "What the comparison means:", "",
               "- Same weights and inputs on both sides: the tiny checkpoint's tensors (converted locally, checked "
               "above; nothing downloaded), ComfyUI's text embeddings of the caption, which is also the negative "
               "prompt on both sides (the CFG-neutral reference of the official code), the same cat -> dog direction (8 template sentences a side, built once and given to "
               "the pipeline as target_embeds with zero source_embeds), and VAE Encode's latent, scaled, as the image "
               "to invert (the pipeline would sample the VAE posterior; ComfyUI takes its mode).",
-              f"- Same settings: {args.steps} DDIM steps on the same grid both ways; inversion at cfg 1 with "
+              f"- Same settings: {args.steps} DDIM steps below {LARGE} px and {args.large_steps} from {LARGE} px up, "
+              "on the same grid both ways; inversion at cfg 1 with "
               "pix2pix-zero's noise regulariser at the pipeline's defaults (lambda 20 for both terms, 5 iterations "
               f"of 5 rolls; our DDIM Inversion's 'diffusers (exact)' variant, which reproduces the pipeline's "
               f"inversion to 1e-4, tests/test_diffusers_parity.py); the edit at cfg {PEER_CFG:g} "
@@ -496,7 +547,8 @@ def peer_markdown(results: list, args) -> list[str]:
               "- Timed from the latent to the decoded image, text encodes and model loading excluded on both sides "
               "(ours: Z2I DDIM Inversion, the sampler and VAE Decode re-run, their upstream nodes cached; diffusers: "
               "invert() then __call__(), whose invert() always decodes its noise as well). Runs alternate between the "
-              "four, in a rotating order; x plain DDIM divides by plain sampling of the same size in the same run.",
+              f"four (from {LARGE} px up: the first and third only, after a 2-step warm-up), in a rotating order; x "
+              "plain DDIM divides by plain sampling of the same size and steps in the same run.",
               "- UNet rows / step count both phases over the step count: the pipeline's inversion adds 1 row, its edit "
               "6 (a reference pass, a guided pass with the backward pass and a recomputed pass, each on both CFG "
               "halves); ours adds 1 and 5 in the official-code form (a reference row on the caption, the two guided "
@@ -530,21 +582,24 @@ def write_markdown(path: Path, results: list, args) -> None:
         f"Produced by `{command(args)}` (see the script's docstring for the method; `bash tools/benchmark.sh` "
         "with the same arguments sets up first).", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} on CPU, "
-        f"fp32; the tiny random SD1.5- and SDXL-topology checkpoints. Only the ratios are meaningful. Repeats: "
-        f"{args.repeats} below {LARGE} px, {args.large_repeats} from {LARGE} px up.", "",
+        f"fp32; the tiny random SD1.5- and SDXL-topology checkpoints. Only the ratios are meaningful. Steps: "
+        f"{args.steps} below {LARGE} px, {args.large_steps} from {LARGE} px up and on SDXL; repeats: {args.repeats} "
+        f"below {LARGE} px, {args.large_repeats} from {LARGE} px up. The whole run took "
+        f"{getattr(args, 'minutes', float('nan')):.0f} minutes.", "",
     ]
     if args.write and args.plot:
         rel = os.path.relpath(args.plot, args.write.resolve().parent)
         lines += [f"![cost ratio and extra memory against image side]({rel})", ""]
     lines += [
-        "| model | image | method | seconds (median) | x plain DDIM | UNet rows / step | backward / step "
+        "| model | image | steps | method | seconds (median) | x plain DDIM | UNet rows / step | backward / step "
         "| peak RSS above start | above plain sampling's peak |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "seconds" in r and not r.get("peer"):
             held = f" (maps kept: {r['maps_held_mb']:.0f} MB)" if "maps_held_mb" in r else ""
-            lines.append(f"| {r.get('family', 'SD1.5')} | {r['size']} px | {r['method']} | {r['seconds']:.2f} | "
+            lines.append(f"| {r.get('family', 'SD1.5')} | {r['size']} px | {r.get('steps', args.steps)} | "
+                         f"{r['method']} | {r['seconds']:.2f} | "
                          f"{r['ratio']:.2f} | {r['unet_rows_per_step']:.1f} | {r['backward_per_step']:.1f} | "
                          f"{r['peak_extra_mb']:.0f} MB | {r.get('above_plain_mb', 0):+.0f} MB{held} |")
     lines += ["", "pix2pix-zero keeps the reference branch's cross-attention maps for one step at a time:", "",
@@ -623,15 +678,15 @@ def plot(path: Path, rows: list) -> None:
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (100, 100, 255),
               (0, 128, 128), (128, 0, 0), (255, 0, 255), (0, 200, 0), (90, 90, 0), (255, 180, 0)]
-    W, H, pad, legend_h = 1200, 560, 60, 18 * ((len(series) + 1) // 2) + 10
+    W, H, pad, legend_h = 1280, 560, 70, 18 * ((len(series) + 1) // 2) + 10
     img = Image.new("RGB", (W, H + legend_h), "white")
     d = ImageDraw.Draw(img)
     import math
     xs = [math.log2(s) for s in sides]
     panels = [("x plain DDIM (time)", 1), ("MB above plain sampling's peak", 2)]
-    pw = (W - 3 * pad) // 2
+    pw = (W - 4 * pad) // 2
     for p, (title, idx) in enumerate(panels):
-        x0, y0, x1, y1 = pad + p * (pw + pad), pad, pad + p * (pw + pad) + pw, H - pad
+        x0, y0, x1, y1 = pad + p * (pw + 2 * pad), pad, pad + p * (pw + 2 * pad) + pw, H - pad
         vals = [pt[idx] for pts in series.values() for pt in pts] + [0.0, 1.0 if idx == 1 else 0.0]
         lo, hi = min(vals), max(vals)
         hi = hi if hi > lo else lo + 1

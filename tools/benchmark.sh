@@ -6,6 +6,6 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-Z2I_MODELS="${Z2I_MODELS:-sd15}" bash tools/setup.sh
+Z2I_MODELS="${Z2I_MODELS:-sd15,sdxl}" bash tools/setup.sh
 export PYTHONPATH="$repo/.host/pythonpath${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec .venv/bin/python tools/benchmark.py "$@"
