@@ -21,18 +21,21 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedules import append_dims, ddim_noise_split, eps_from_denoised, to_vp
+from .schedules import FLOW, VE, NoiseForm, append_dims, ddim_noise_split, noise_form_of, to_vp
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ddim_step(x0_pred: torch.Tensor, eps_dir: torch.Tensor, sigma, sigma_next, eta: float = 0.0,
-              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+              noise: Optional[torch.Tensor] = None, form: NoiseForm = VE) -> torch.Tensor:
     """One DDIM update in sigma space: x_next = x0_pred + sigma_down * eps_dir + sigma_up * noise.
 
     sigma, sigma_next: scalars or [B] tensors (the level now and the level to reach; sigma_next > sigma
     is an inversion step and needs eta = 0). `noise` is required when eta > 0 and sigma_next > 0.
+    form: the model's NoiseForm; on FLOW the same update in its units (flow_ddim_step).
     """
+    if form is FLOW:
+        return flow_ddim_step(x0_pred, eps_dir, sigma, sigma_next, eta, noise)
     sigma_down, sigma_up = ddim_noise_split(sigma, sigma_next, eta)
     nd = x0_pred.ndim
     out = x0_pred + append_dims(torch.as_tensor(sigma_down, dtype=x0_pred.dtype, device=x0_pred.device), nd) * eps_dir
@@ -41,6 +44,53 @@ def ddim_step(x0_pred: torch.Tensor, eps_dir: torch.Tensor, sigma, sigma_next, e
             raise ValueError("ddim_step: eta > 0 needs a noise tensor")
         out = out + append_dims(torch.as_tensor(sigma_up, dtype=x0_pred.dtype, device=x0_pred.device), nd) * noise
     return out
+
+
+def flow_ddim_step(x0_pred: torch.Tensor, eps_dir: torch.Tensor, sigma, sigma_next, eta: float = 0.0,
+                   noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ddim_step on a rectified-flow state x = (1 - sigma) x0 + sigma eps (schedules.FLOW).
+
+    Divided by 1 - sigma the state is the VE state at s = sigma / (1 - sigma), where ddim_step's split applies:
+    s_up = eta s' sqrt(1 - (s'/s)^2), s_down = sqrt(s'^2 - s_up^2). Multiplied back by 1 - sigma':
+
+        x_next = (1 - sigma') x0_pred + sigma' (r_down eps_dir + r_up z),  r_up = min(1, eta sqrt(1 - q^2)),
+        r_down = sqrt(1 - r_up^2), q = s'/s = sigma' (1 - sigma) / (sigma (1 - sigma')),
+
+    finite at pure noise (sigma = 1: s infinite, q = 0). eta = 0: (1 - sigma') x0_pred + sigma' eps_dir, the
+    Euler step of the flow ODE when x0_pred and eps_dir are the model's own."""
+    nd = x0_pred.ndim
+    t = lambda v: append_dims(torch.as_tensor(v, dtype=x0_pred.dtype, device=x0_pred.device), nd)  # noqa: E731
+    s, s_next = t(sigma), t(sigma_next)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    out = (1 - s_next) * x0_pred
+    if eta == 0 or float(torch.as_tensor(sigma_next).max()) == 0.0:
+        return out + s_next * eps_dir
+    if bool((torch.as_tensor(sigma_next) > torch.as_tensor(sigma)).any()):
+        raise ValueError("eta > 0 is only defined for denoising steps (sigma_next < sigma), not for inversion")
+    if noise is None:
+        raise ValueError("ddim_step: eta > 0 needs a noise tensor")
+    q = s_next * (1 - s) / (s * (1 - s_next)).clamp_min(1e-30)
+    r_up = (eta * (1 - q * q).clamp_min(0).sqrt()).clamp(max=1.0)
+    r_down = (1 - r_up * r_up).sqrt()
+    return out + s_next * (r_down * eps_dir + r_up * noise)
+
+
+def noise_form_of_model(model) -> NoiseForm:
+    """The NoiseForm of a k-diffusion-wrapped ComfyUI model (KSAMPLER's `model`) or of a test denoiser with a
+    `noise_form` attribute; VE when it has neither (the form of every UNet family)."""
+    inner = model
+    for _ in range(4):
+        form = getattr(inner, "noise_form", None)
+        if isinstance(form, NoiseForm):
+            return form
+        ms = getattr(inner, "model_sampling", None)
+        if ms is not None:
+            return noise_form_of(ms) or VE
+        inner = getattr(inner, "inner_model", None)
+        if inner is None:
+            break
+    return VE
 
 
 def ends_at_floor(sigmas: torch.Tensor, sigma_floor: Optional[float]) -> bool:
@@ -82,7 +132,7 @@ def per_row(model):
         s = s.expand(x.shape[0]) if s.ndim == 0 else s
         return torch.cat([model(x[i:i + 1], s[i:i + 1], **kwargs) for i in range(x.shape[0])])
 
-    for name in ("inner_model", "model_sampling"):          # what samplers and helpers look up on a denoiser
+    for name in ("inner_model", "model_sampling", "noise_form"):   # what samplers and helpers look up on a denoiser
         if hasattr(model, name):
             setattr(call, name, getattr(model, name))
     return call
@@ -115,7 +165,8 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
                 callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None,
                 eta: float = 0.0, noise_sampler: Optional[NoiseSampler] = None,
                 keep: Optional[Callable] = None) -> torch.Tensor:
-    """Implements DDIM sampling (arXiv:2010.02502, Eq. 12) over any descending sigma schedule.
+    """Implements DDIM sampling (arXiv:2010.02502, Eq. 12) over any descending sigma schedule, in the model's
+    NoiseForm (VE for the UNet families; FLOW for rectified flow, where eta 0 is the flow ODE's Euler step).
 
     eta = 0 is deterministic; eta > 0 adds fresh noise drawn from `noise_sampler` (default: seeded with
     extra_args["seed"], the noise seed ComfyUI's SamplerCustom passes). `keep` (keep_outside): inpainting.
@@ -125,6 +176,7 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
         noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     floor = model_sigma_floor(model)
+    form = noise_form_of_model(model)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
@@ -133,9 +185,9 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
         if float(sigma_next) == 0.0:
             x = denoised
         else:
-            eps = eps_from_denoised(x, sigma, denoised)
+            eps = form.eps(x, sigma, denoised)
             noise = noise_sampler(sigma, sigma_next) if eta > 0 else None
-            x = ddim_step(denoised, eps, sigma, sigma_next, eta=eta, noise=noise)
+            x = ddim_step(denoised, eps, sigma, sigma_next, eta=eta, noise=noise, form=form)
         if keep is not None:
             x = keep(x, sigma_next)
     return finish(x, sigmas, floor)

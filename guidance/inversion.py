@@ -20,6 +20,15 @@ A step that starts from the clean latent (sigma 0) evaluates the "current" eps a
 (t = 0, `sigma_floor`) with the same rescaling, since the denoiser cannot give eps at sigma 0.
 (The official pix2pix-zero repository inverts differently again: eps near the current level over 48 steps.)
 
+On rectified flow (SD3; schedules.FLOW) the same update runs in the flow's units: x_u = (1 - sigma_u) x0_hat +
+sigma_u eps with x0_hat = (x_t - sigma_t eps) / (1 - sigma_t), i.e. the Euler step of the flow ODE run up the
+schedule, ending at pure noise (sigma 1) where the state is eps itself; "refine" makes it the exact inverse of
+the Euler sampling step. Its fixed point x' solving x = (1 - sigma) D(x', sigma') + sigma eps(x', sigma') is
+iterated eps-anchored (as on VE) while sigma < (1 - sigma) sigma' (the map's contraction factor there is about
+(sigma' - sigma) / ((1 - sigma) sigma')), and x0-anchored above, x' <- (1 - sigma') D' + sigma' (x - (1 - sigma) D')
+/ sigma with D' = D(x', sigma') (factor about (sigma' - sigma) / sigma), since at sigma' = 1 the eps-anchored map is
+the identity. The "diffusers" variant is DDPM-specific and refused there.
+
 Optional on every step:
 - `refine` fixed-point iterations x_u <- x_t + (sigma_u - sigma_t) * eps(x_u, u), which make the step the
   exact inverse of the DDIM sampling step from u back to t (implicit inversion; converges when the step is
@@ -33,8 +42,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .ddim import ddim_step
-from .schedules import append_dims, eps_from_denoised, from_vp
+from .ddim import ddim_step, noise_form_of_model
+from .schedules import FLOW, VE, NoiseForm, append_dims, from_vp
 
 VARIANTS = ("current", "target", "diffusers")
 
@@ -67,18 +76,19 @@ class Trajectory:
         return i
 
 
-def rescale_input(x: torch.Tensor, sigma_from, sigma_to) -> torch.Tensor:
-    """The k-space input at level sigma_to whose VP form equals x's VP form at sigma_from."""
-    f = ((1 + sigma_to * sigma_to) / (1 + sigma_from * sigma_from)) ** 0.5
+def rescale_input(x: torch.Tensor, sigma_from, sigma_to, form: NoiseForm = VE) -> torch.Tensor:
+    """The input at level sigma_to whose VP form equals x's VP form at sigma_from (x / norm(sigma) is the VP
+    latent: sqrt(1 + sigma^2) on VE, sqrt((1 - sigma)^2 + sigma^2) on FLOW)."""
+    f = form.norm(sigma_to) / form.norm(sigma_from)
     return x * append_dims(torch.as_tensor(f, dtype=x.dtype, device=x.device), x.ndim)
 
 
-def predict_eps(model, x: torch.Tensor, sigma, sigma_eval, extra_args: dict) -> torch.Tensor:
+def predict_eps(model, x: torch.Tensor, sigma, sigma_eval, extra_args: dict, form: NoiseForm = VE) -> torch.Tensor:
     """eps_theta at level `sigma_eval` for the latent x (at level `sigma`), through the denoiser API."""
     s_in = x.new_ones([x.shape[0]])
-    x_in = x if float(sigma_eval) == float(sigma) else rescale_input(x, sigma, sigma_eval)
+    x_in = x if float(sigma_eval) == float(sigma) else rescale_input(x, sigma, sigma_eval, form)
     denoised = model(x_in, sigma_eval * s_in, **extra_args)
-    return eps_from_denoised(x_in, sigma_eval, denoised)
+    return form.eps(x_in, sigma_eval, denoised)
 
 
 def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
@@ -99,6 +109,9 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     if bool((sigmas[1:] <= sigmas[:-1]).any()):
         raise ValueError("inversion sigmas must be strictly ascending (flip the sampling schedule)")
     extra_args = {} if extra_args is None else extra_args
+    form = noise_form_of_model(model)
+    if form is FLOW and variant == "diffusers":
+        raise ValueError("the diffusers variant is defined on the DDPM schedule, not on rectified flow")
     if variant == "diffusers":
         if not float(sigmas[0]) > 0:
             raise ValueError("the diffusers variant starts at the lowest trained level sigma(0) > 0, not at 0")
@@ -114,15 +127,24 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
             if sigma_floor is None:
                 raise ValueError("inversion from sigma 0 needs sigma_floor (the model's lowest level)")
             sigma_eval = torch.as_tensor(sigma_floor, dtype=sigmas.dtype, device=sigmas.device)
-        eps = predict_eps(model, x, sigma, sigma_eval, extra_args)
-        x_next = ddim_step(x - _col(sigma, x) * eps, eps, sigma, sigma_next)
+        eps = predict_eps(model, x, sigma, sigma_eval, extra_args, form)
+        x_next = ddim_step(form.x0(x, sigma, eps), eps, sigma, sigma_next, form=form)
+        anchor_x0 = form is FLOW and float(sigma) > 0 and float(sigma) >= (1 - float(sigma)) * float(sigma_next)
         for _ in range(refine):
-            eps = predict_eps(model, x_next, sigma_next, sigma_next, extra_args)
-            x_next = ddim_step(x - _col(sigma, x) * eps, eps, sigma, sigma_next)
+            if anchor_x0:
+                # near pure noise the flow's eps-anchored map below stops contracting (at sigma' = 1 it is the
+                # identity); the same fixed point anchored on x0: x0' = D(x', sigma'), eps from x with it
+                s_in = x.new_ones([x.shape[0]])
+                d = model(x_next, sigma_next * s_in, **extra_args)
+                eps = form.eps(x, sigma, d)
+                x_next = ddim_step(d, eps, sigma, sigma_next, form=form)
+                continue
+            eps = predict_eps(model, x_next, sigma_next, sigma_next, extra_args, form)
+            x_next = ddim_step(form.x0(x, sigma, eps), eps, sigma, sigma_next, form=form)
         if regularize is not None:
             eps = regularize(eps, i)
-            x_next = ddim_step(x - _col(sigma, x) * eps, eps, sigma, sigma_next)
-        x0 = x - _col(sigma, x) * eps
+            x_next = ddim_step(form.x0(x, sigma, eps), eps, sigma, sigma_next, form=form)
+        x0 = form.x0(x, sigma, eps)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
         x = x_next
@@ -135,6 +157,3 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
                                  x0=torch.stack(x0s), eps=torch.stack(epss)))
     return x
 
-
-def _col(sigma, x: torch.Tensor) -> torch.Tensor:
-    return append_dims(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x.ndim)

@@ -8,6 +8,7 @@ import comfy.model_sampling
 import comfy.samplers
 import torch
 
+from ..guidance.schedules import FLOW, noise_form_of
 from .types import ModelSignature
 
 
@@ -43,13 +44,37 @@ def interruptible(callback: Optional[Callable[[dict], None]]) -> Callable[[dict]
     return step
 
 
+FLOW_NODES = "DDIM Inversion and the DDIM Sampler"     # the Z2I nodes that run on SD3 (rectified flow) so far
+
+
+def is_sd3(model) -> bool:
+    """An SD3-family MMDiT with rectified-flow sampling (ComfyUI's SD3 model class and CONST sampling)."""
+    unet = model.get_model_object("diffusion_model")
+    ms = model.get_model_object("model_sampling")
+    return (type(model.model).__name__ == "SD3" and hasattr(unet, "joint_blocks")
+            and isinstance(ms, comfy.model_sampling.CONST) and noise_form_of(ms) is FLOW)
+
+
+def denoiser_of(model, node: str, input_name: str = "model"):
+    """The diffusion model of a MODEL for the nodes that only call the denoiser (inversion, the DDIM sampler):
+    a UNet family (unet_of) or SD3 (rectified flow), else a clear refusal."""
+    if is_sd3(model):
+        return model.get_model_object("diffusion_model")
+    return unet_of(model, node, input_name)
+
+
 def unet_of(model, node: str, input_name: str = "model"):
     """The UNet of a MODEL, or a clear refusal for models without one (DiT/flow families)."""
     unet = model.get_model_object("diffusion_model")
     if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        if is_sd3(model):
+            raise Z2IInputError(node, input_name, "this node needs a UNet (SD1.x, SD2.x, SDXL); on SD3 (MMDiT, "
+                                f"rectified flow) Z2I runs {FLOW_NODES} so far", "load an SD1.x/SD2.x/SDXL "
+                                "checkpoint for this method, or use the SD3 model with those two nodes")
         raise Z2IInputError(node, input_name, f"this {type(model.model).__name__} model has no UNet "
                             f"({type(unet).__name__})", "Z2I works with Stable Diffusion 1.x, 2.x and SDXL "
-                            "checkpoints; load one of those")
+                            f"checkpoints, and SD3 for {FLOW_NODES} (Flux and other DiTs are untested here: they "
+                            "need a T5 text encoder this project cannot test with); load one of those")
     ms = model.get_model_object("model_sampling")
     if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(
             ms, (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION)) or isinstance(
@@ -61,12 +86,15 @@ def unet_of(model, node: str, input_name: str = "model"):
 
 
 def downsample_factor(unet) -> int:
+    if hasattr(unet, "joint_blocks"):            # MMDiT: latents in whole patches
+        return int(getattr(unet, "patch_size", 2))
     n = sum(1 for m in unet.input_blocks.modules() if type(m).__name__ == "Downsample")
     return 2 ** n
 
 
-def check_latent(model, samples: torch.Tensor, node: str, input_name: str = "latent") -> None:
-    unet = unet_of(model, node)
+def check_latent(model, samples: torch.Tensor, node: str, input_name: str = "latent", flow_ok: bool = False) -> None:
+    """flow_ok: the node also runs on SD3 (denoiser_of); otherwise a UNet is required (unet_of)."""
+    unet = denoiser_of(model, node) if flow_ok else unet_of(model, node)
     if samples.ndim != 4:
         raise Z2IInputError(node, input_name, f"expected an image latent [B, C, H, W], got shape "
                             f"{tuple(samples.shape)}", "connect a VAE Encode or Empty Latent Image output")
@@ -88,6 +116,11 @@ def check_latent(model, samples: torch.Tensor, node: str, input_name: str = "lat
         raise Z2IInputError(node, input_name, f"latent is {w}x{h}, but this model needs multiples of {f} "
                             f"(images in multiples of {8 * f} px)", "scale or crop the image first "
                             "(ImageScale / ImageCrop)")
+    side = getattr(unet, "pos_embed_max_size", None)
+    if side and (h // f > side or w // f > side):
+        raise Z2IInputError(node, input_name, f"latent is {w}x{h}, larger than this model's positional embedding "
+                            f"covers ({side * f}x{side * f} latent, {8 * side * f} px a side)",
+                            f"scale the image to at most {8 * side * f} px a side (ImageScale)")
 
 
 def check_cond_batch(conditioning, batch: int, node: str, input_name: str) -> None:
@@ -307,9 +340,39 @@ def check_inversion(node: str, inversion, model, x: torch.Tensor = None, input_n
                             f"{inv[0]}", "sample the inversion's own noise output (one inversion per batch)")
 
 
-def check_sampler_inputs(node: str, model_k, x: torch.Tensor, inversion=None) -> None:
+def check_sampler_inputs(node: str, model_k, x: torch.Tensor, inversion=None, flow_ok: bool = False) -> None:
     """The checks every Z2I SAMPLER makes first: `model_k` is what core hands a KSAMPLER function."""
     patcher = model_k.inner_model.model_patcher
-    check_latent(patcher, x, node, "latent_image (of the sampler node)")
+    check_latent(patcher, x, node, "latent_image (of the sampler node)", flow_ok=flow_ok)
     if inversion is not None:
         check_inversion(node, inversion, patcher, x)
+
+
+class Z2IKSampler(comfy.samplers.KSAMPLER):
+    """core's KSAMPLER with one rule added for rectified flow at pure noise, used for every Z2I SAMPLER.
+
+    Between samplers ComfyUI carries a flow latent as x / (1 - sigma) (KSAMPLER.sample: noise_scaling at the
+    start, inverse_noise_scaling at the end), which is infinite at sigma = 1. A Z2I inversion that ends at pure
+    noise therefore returns the state x itself (there x = eps, unit variance), and a Z2I sampler that starts at
+    sigma = 1 with no noise added (SamplerCustom's add_noise off) takes its latent_image as that state; core would
+    scale it by 1 - sigma = 0. Everything else (VE models, any other sigma, added noise) is core's own path."""
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        ms = model_wrap.inner_model.model_sampling
+        top_in = (latent_image is not None and float(sigmas[0]) >= 1.0 and noise_form_of(ms) is FLOW
+                  and not bool(noise.any()))
+        top_out = float(sigmas[-1]) >= 1.0 and noise_form_of(ms) is FLOW
+        if not (top_in or top_out):
+            return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image=latent_image,
+                                  denoise_mask=denoise_mask, disable_pbar=disable_pbar)
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        x = latent_image if top_in else ms.noise_scaling(sigmas[0], noise, latent_image,
+                                                         self.max_denoise(model_wrap, sigmas))
+        total = len(sigmas) - 1
+        k_callback = (lambda d: callback(d["i"], d["denoised"], d["x"], total)) if callback is not None else None
+        out = self.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=k_callback,
+                                    disable=disable_pbar, **self.extra_options)
+        return out if top_out else ms.inverse_noise_scaling(sigmas[-1], out)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
-import comfy.samplers
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
@@ -13,7 +12,7 @@ from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, seeded_noise_sampler
 from ._compose import gradients_through, guard_inplace, guided_networks, inpainting, own_rng, rows_of
-from ._host import Z2IInputError, check_sampler_inputs, interruptible
+from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
@@ -153,7 +152,7 @@ class AGGSampler(io.ComfyNode):
                                     "'an oil painting'")
             style = {"model": style_clip, "vae": vae, "source": style_source, "target": style_target,
                      "weight": float(lambda_style), "cutouts": int(cutouts)}
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_agg_fn, extra_options={
+        return io.NodeOutput(Z2IKSampler(_agg_fn, extra_options={
             "inversion": inversion, "weight": float(lambda_reg), "dds_lr": float(dds_lr), "dds_steps": int(dds_steps),
             "guided_until": float(guided_until), "masked_until": float(masked_until), "object_mask": object_mask,
             "eta": float(eta), "style": style}))

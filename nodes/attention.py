@@ -15,7 +15,7 @@ from ._compose import (gradients_through, guard_inplace, guided_networks, inpain
                        per_image_conds, with_z2i_attn2)
 from .sampling import INVERSION_TIP
 from .types import InversionType
-from ._host import Z2IInputError, check_sampler_inputs, interruptible
+from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
 
@@ -228,7 +228,7 @@ class Pix2PixZeroSampler(io.ComfyNode):
         opts = {"xa_guidance": float(xa_guidance), "layers": layers,
                 "map_dtype": torch.float16 if map_precision == "fp16" else torch.float32,
                 "form": _form(P2PZ, guidance_form), "inversion": inversion}
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options=opts))
+        return io.NodeOutput(Z2IKSampler(_p2pz_fn, extra_options=opts))
 
 
 ZEROCON = "Z2I pix2pix-zeroCon Sampler"
@@ -281,7 +281,7 @@ class Pix2PixZeroConSampler(io.ComfyNode):
                 guidance_form=next(iter(FORMS)), inversion=None) -> io.NodeOutput:
         spec = {"lambda_c": float(lambda_c), "lambda_e": float(lambda_e), "feature_layers": feature_layers,
                 "n_patches": int(n_patches), "tau": float(tau)}
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_p2pz_fn, extra_options={
+        return io.NodeOutput(Z2IKSampler(_p2pz_fn, extra_options={
             "xa_guidance": float(lambda_step), "layers": layers, "contrastive": (spec, int(seed)), "node": ZEROCON,
             "form": _form(ZEROCON, guidance_form), "inversion": inversion}))
 

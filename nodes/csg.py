@@ -7,7 +7,6 @@ from typing import Optional
 
 import comfy.model_patcher
 import comfy.sample
-import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
@@ -22,7 +21,7 @@ from ..guidance.ddim import ddim_step, finish, model_sigma_floor
 from ..guidance.schedules import eps_from_denoised
 from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
                        rows_of, with_z2i_attn2)
-from ._host import Z2IInputError, check_inversion, check_sampler_inputs, interruptible, model_signature, unet_of
+from ._host import Z2IKSampler, Z2IInputError, check_inversion, check_sampler_inputs, interruptible, model_signature, unet_of
 from .attention import GuidedCalls
 from .types import CSGSourceMapsType, InversionType
 
@@ -298,7 +297,7 @@ class CSGMask(io.ComfyNode):
         sigmas = inversion.sigmas[:-1] if float(inversion.sigmas[-1]) == 0 else inversion.sigmas
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         out: list = []
-        sampler = comfy.samplers.KSAMPLER(_mask_fn, extra_options={
+        sampler = Z2IKSampler(_mask_fn, extra_options={
             "inversion": inversion, "positions": positions, "token_level": int(token_level),
             "mask_level": int(mask_level), "out": out, "keep": source_maps, "budget": KEEP_BUDGET,
             "keep_dtype": KEEP_DTYPES.get(source_maps_precision, torch.float16)})
@@ -518,7 +517,7 @@ class CSGSampler(io.ComfyNode):
     def execute(cls, inversion, background, lambda_pre, delta, clamp_pull, hard_mask_guard=True,
                 source_maps=None) -> io.NodeOutput:
         mask = background if background.ndim == 3 else background[None]
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_csg_fn, extra_options={
+        return io.NodeOutput(Z2IKSampler(_csg_fn, extra_options={
             "inversion": inversion, "background": mask, "lambda_pre": float(lambda_pre), "delta": float(delta),
             "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard), "source_maps": source_maps}))
 

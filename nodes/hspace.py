@@ -20,7 +20,7 @@ from ..guidance.ddim import finish, model_sigma_floor
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
@@ -145,7 +145,7 @@ class AsyrpSampler(io.ComfyNode):
         if unit == "percent" and (edit_until > 1 or boost_from > 1):
             raise Z2IInputError(ASYRP, "edit_until", f"percent boundaries must be 0..1 (got {edit_until}, "
                                 f"{boost_from})", "use fractions of the schedule, or switch unit to timestep")
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_asyrp_fn, extra_options={
+        return io.NodeOutput(Z2IKSampler(_asyrp_fn, extra_options={
             "direction": direction, "scale": float(scale), "edit_until": float(edit_until),
             "boost_from": float(boost_from), "unit": unit, "inversion": inversion}))
 
@@ -224,7 +224,7 @@ class HDirectionFromPrompts(io.ComfyNode):
         traj = inversion.trajectory
         latent = model.model.process_latent_out(traj.latents[-1]).cpu()
         out: list = []
-        sampler = comfy.samplers.KSAMPLER(_derive_fn, extra_options={"inversion": inversion, "out": out})
+        sampler = Z2IKSampler(_derive_fn, extra_options={"inversion": inversion, "out": out})
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 2.0, sampler, sigmas, target, source, latent,
                                    callback=latent_preview.prepare_callback(model, len(sigmas) - 1),
                                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
@@ -390,7 +390,7 @@ class HDirectionTrain(io.ComfyNode):
             raise Z2IInputError(TRAIN, "edit_until", f"{edit_until} of {steps} steps is no step at all",
                                 "raise it (the paper edits roughly the first half: 0.5)")
         job["preview"] = latent_preview.prepare_callback(model, int(iterations) * samples.shape[0] * job["edit_steps"])
-        sampler = comfy.samplers.KSAMPLER(_train_fn, extra_options={"job": job})
+        sampler = Z2IKSampler(_train_fn, extra_options={"job": job})
         comfy.sample.sample_custom(model, torch.zeros_like(samples), 1.0, sampler, sigmas, positive, positive,
                                    samples, disable_pbar=True)
         trainable, history, edit_steps, h_shape = job["out"]

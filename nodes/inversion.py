@@ -11,8 +11,9 @@ from comfy_api.latest import io
 from ..guidance.inversion import sample_ddim_invert
 from ..guidance.regularizers import regularize_noise
 from ._compose import own_rng, rows_of
-from ._host import (Z2IInputError, check_cond_batch, check_latent, interruptible, model_signature,
-                    schedule_sigmas, unet_of)
+from ._host import (Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, denoiser_of, interruptible, is_sd3,
+                    model_signature,
+                    schedule_sigmas)
 from .types import Inversion, InversionType
 
 NODE = "Z2I DDIM Inversion"
@@ -40,7 +41,8 @@ class DDIMInversion(io.ComfyNode):
                 "for the editing methods. Optional pix2pix-zero noise regularisation keeps the noise Gaussian "
                 "(more editable). References: pix2pix-zero section 3.1, CSG section 3.1."),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x (v-prediction) or SDXL model."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x (v-prediction), SDXL or SD3 model (on SD3, "
+                                                "rectified flow: the Euler step of the flow ODE run backwards)."),
                 io.Conditioning.Input("positive", tooltip="The source prompt: a caption of the input image."),
                 io.Latent.Input("latent", tooltip="The image to invert, from VAE Encode."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
@@ -96,12 +98,16 @@ class DDIMInversion(io.ComfyNode):
     def execute(cls, model, positive, latent, steps, scheduler, variant, cfg, denoise, refine_iterations,
                 regularize, reg_lambda, reg_iterations, reg_seed, negative=None) -> io.NodeOutput:
         samples = latent["samples"]
-        unet_of(model, NODE)
-        check_latent(model, samples, NODE)
+        denoiser_of(model, NODE)
+        check_latent(model, samples, NODE, flow_ok=True)
         check_cond_batch(positive, samples.shape[0], NODE, "positive")
         check_cond_batch(negative, samples.shape[0], NODE, "negative")
         if variant not in VARIANTS:
             raise Z2IInputError(NODE, "variant", f"unknown value {variant!r}", f"use one of {list(VARIANTS)}")
+        if is_sd3(model) and VARIANTS[variant] == "diffusers":
+            raise Z2IInputError(NODE, "variant", "'diffusers (exact)' reproduces diffusers' DDPM inversion, which "
+                                "SD3 (rectified flow) does not have", "use 'current level' (the flow ODE's Euler "
+                                "step run backwards) on SD3")
         if negative is None:
             if cfg != 1.0:
                 raise Z2IInputError(NODE, "negative", f"cfg is {cfg} but no negative conditioning is connected",
@@ -128,7 +134,7 @@ class DDIMInversion(io.ComfyNode):
         record: list = []
         options = {"variant": VARIANTS[variant], "refine": int(refine_iterations), "regularize": reg,
                    "record": record, "sigma_floor": sigma_floor}
-        sampler = comfy.samplers.KSAMPLER(_invert_fn, extra_options=options)
+        sampler = Z2IKSampler(_invert_fn, extra_options=options)
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
         callback = latent_preview.prepare_callback(model, steps)
         noise = comfy.sample.sample_custom(

@@ -1,12 +1,11 @@
 """SAMPLER nodes for core SamplerCustom / SamplerCustomAdvanced."""
 from __future__ import annotations
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance.ddim import sample_ddim
 from ._compose import inpainting, own_rng, rows_of
-from ._host import check_sampler_inputs, interruptible
+from ._host import Z2IKSampler, check_sampler_inputs, interruptible
 from .types import InversionType
 
 NODE = "Z2I DDIM Sampler"
@@ -16,7 +15,7 @@ INVERSION_TIP = ("Optional: DDIM Inversion's INVERSION. Needed only when the lat
 @own_rng
 def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, inversion=None):
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
-    check_sampler_inputs(NODE, model, x, inversion)
+    check_sampler_inputs(NODE, model, x, inversion, flow_ok=True)
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)
     return sample_ddim(rows_of(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                        disable=disable, eta=eta, keep=keep)
@@ -35,7 +34,8 @@ class DDIMSampler(io.ComfyNode):
                 "it). eta interpolates between deterministic DDIM (0) and DDPM-like sampling (1). Use with "
                 "SamplerCustom or SamplerCustomAdvanced and any SIGMAS (BasicScheduler with 'ddim_uniform' gives "
                 "the papers' timesteps). Written out as the DDIM update itself (Song et al. 2021, "
-                "arXiv:2010.02502) rather than core's Euler alias."),
+                "arXiv:2010.02502) rather than core's Euler alias. On SD3 (rectified flow) the same update is the "
+                "flow ODE's Euler step at eta 0."),
             inputs=[
                 io.Float.Input(
                     "eta", default=0.0, min=0.0, max=1.0, step=0.01, round=False,
@@ -51,7 +51,7 @@ class DDIMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, eta: float, inversion=None) -> io.NodeOutput:
-        return io.NodeOutput(comfy.samplers.KSAMPLER(_ddim_sampler_fn, extra_options={"eta": float(eta),
+        return io.NodeOutput(Z2IKSampler(_ddim_sampler_fn, extra_options={"eta": float(eta),
                                                                                      "inversion": inversion}))
 
 

