@@ -53,3 +53,12 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoints():
     return dict(CHECKPOINTS)
+
+
+@pytest.fixture
+def float64():
+    """Closed-form comparisons in double precision; restored so host tests in the session are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

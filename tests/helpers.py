@@ -33,6 +33,28 @@ class GaussianDenoiser:
         return self.mu + self.s2 / (self.s2 + sig * sig) * (x - self.mu)
 
 
+class FlowGaussianDenoiser:
+    """The same data on rectified flow, x = (1 - sigma) x0 + sigma eps (guidance.schedules.FLOW): E[x0 | x] =
+    mu + (1 - sigma) s^2 / ((1 - sigma)^2 s^2 + sigma^2) (x - (1 - sigma) mu). Its probability-flow ODE keeps each
+    value's z-score: x at level sigma is (1 - sigma) mu + sqrt((1 - sigma)^2 s^2 + sigma^2) / s * (x0 - mu)."""
+
+    def __init__(self, mu: torch.Tensor | float = 0.0, s: float = 1.0):
+        from z2i.guidance.schedules import FLOW
+        self.noise_form = FLOW
+        self.mu, self.s2 = mu, s * s
+
+    def __call__(self, x, sigma, **kw):
+        sig = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        a = 1 - sig
+        return self.mu + a * self.s2 / (a * a * self.s2 + sig * sig) * (x - a * self.mu)
+
+
+def flow_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """SD3's schedule sigma(t) = shift t / (1 + (shift - 1) t), ascending from 0 to 1 over steps + 1 levels."""
+    t = torch.linspace(0, 1, steps + 1)
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def alpha_form_ddim(eps_fn, x_vp: torch.Tensor, alpha_bars: list[float], eta: float = 0.0, noises=None):
     """Textbook DDIM in the papers' alpha-bar form (Song et al. Eq. 12), independent of sigma space.
 

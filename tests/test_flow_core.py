@@ -2,54 +2,19 @@
 
 State x = (1 - sigma) x0 + sigma eps, sigma in [0, 1] (guidance.schedules.FLOW). For data x0 ~ N(mu, s^2 I) the
 exact denoiser and the probability-flow ODE's solution are closed forms, so inversion is checked against exact
-values as on the DDPM schedule (tests/test_inversion_core.py, whose tolerances these are).
+values as on the DDPM schedule: the reconstruction and ODE tests run on both forms in tests/test_inversion_core.py.
 """
 import math
 
 import pytest
 import torch
 
-from z2i.guidance.ddim import ddim_step, flow_ddim_step, sample_ddim
+from z2i.guidance.ddim import ddim_step, flow_ddim_step
 from z2i.guidance.inversion import sample_ddim_invert
 from z2i.guidance.schedules import FLOW, VE, noise_form_of
+from z2i.tests.helpers import FlowGaussianDenoiser, flow_grid
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-class FlowGaussianDenoiser:
-    """E[x0 | x] for x0 ~ N(mu, s^2 I), x = (1 - sigma) x0 + sigma eps:
-    mu + (1 - sigma) s^2 / ((1 - sigma)^2 s^2 + sigma^2) (x - (1 - sigma) mu)."""
-
-    noise_form = FLOW
-
-    def __init__(self, mu=0.0, s=1.0):
-        self.mu, self.s2 = mu, s * s
-
-    def __call__(self, x, sigma, **kw):
-        sig = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        a = 1 - sig
-        return self.mu + a * self.s2 / (a * a * self.s2 + sig * sig) * (x - a * self.mu)
-
-
-def flow_grid(steps, shift=3.0):
-    """SD3's schedule: sigma(t) = shift t / (1 + (shift - 1) t) on t = 1 .. 0 (ascending here, from 0 to 1)."""
-    t = torch.linspace(0, 1, steps + 1)
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def roundtrip(model, x0, steps, variant, refine=0):
-    up = flow_grid(steps)
-    floor = float(flow_grid(1000)[1])
-    rec = []
-    xt = sample_ddim_invert(model, x0, up, variant=variant, sigma_floor=floor, refine=refine, record=rec)
-    back = sample_ddim(model, xt, up.flip(0))
-    return (back - x0).norm().item() / x0.norm().item(), rec[0], xt
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_the_flow_ddim_step_is_the_euler_step_of_the_flow_ode():
@@ -78,42 +43,6 @@ def test_flow_step_with_eta_is_the_ve_step_in_other_units():
     assert torch.allclose(top, limit, rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
         flow_ddim_step(x0, eps, 0.2, 0.5, eta=0.5, noise=z)
-
-
-@pytest.mark.parametrize("variant", ["current", "target"])
-def test_gaussian_data_reconstruction_converges(variant):
-    """Plain inversion is a first-order approximation: the error falls with the step count."""
-    torch.manual_seed(0)
-    den = FlowGaussianDenoiser(mu=0.1, s=0.8)
-    x0 = 0.1 + 0.8 * torch.randn(1, 4, 8, 8)
-    e25, _, _ = roundtrip(den, x0, 25, variant)
-    e100, _, _ = roundtrip(den, x0, 100, variant)
-    assert e100 < e25 / 2.5, (e25, e100)
-
-
-@pytest.mark.parametrize("variant", ["current", "target"])
-def test_gaussian_data_reconstructs_to_1e5_with_refinement(variant):
-    """With fixed-point refinement each inversion step is the exact inverse of the sampling step."""
-    torch.manual_seed(0)
-    den = FlowGaussianDenoiser(mu=0.1, s=0.8)
-    x0 = 0.1 + 0.8 * torch.randn(2, 4, 8, 8)
-    err, _, _ = roundtrip(den, x0, 25, variant, refine=6)
-    assert err < 1e-5, err
-
-
-def test_inverted_noise_matches_exact_ode_solution():
-    """For N(mu, s^2) data the flow's probability-flow ODE keeps each value's z-score: x at level sigma is
-    (1 - sigma) mu + sqrt((1 - sigma)^2 s^2 + sigma^2) / s * (x0 - mu); at sigma = 1, (x0 - mu) / s."""
-    torch.manual_seed(1)
-    mu, s = 0.2, 0.6
-    x0 = mu + s * torch.randn(1, 4, 8, 8)
-    exact = (x0 - mu) / s
-    errs = []
-    for steps in (50, 200):
-        _, traj, xt = roundtrip(FlowGaussianDenoiser(mu, s), x0, steps, "current")
-        assert float(traj.sigmas[-1]) == 1.0
-        errs.append(((xt - exact).norm() / exact.norm()).item())
-    assert errs[1] < errs[0] / 2.5 and errs[1] < 0.02, errs
 
 
 def test_diffusers_variant_is_refused_on_flow():

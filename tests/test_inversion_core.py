@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from z2i.guidance.ddim import sample_ddim
 from z2i.guidance.inversion import Trajectory, sample_ddim_invert
 from z2i.guidance.regularizers import auto_corr_loss, kl_divergence, regularize_noise
-from z2i.tests.helpers import GaussianDenoiser
+from z2i.tests.helpers import FlowGaussianDenoiser, GaussianDenoiser, flow_grid
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +39,21 @@ class TimeOnlyEps:
         return x - s * (self.base * torch.cos(3 * s) + 0.1 * s)
 
 
-def roundtrip(model, x0, steps, variant, refine=0):
-    up, floor = sd_grid(steps)
+FORMS = {   # the DDPM schedule in k-diffusion (VE) units, and rectified flow (SD3's schedule, shift 3)
+    "ve": (GaussianDenoiser, sd_grid),
+    "flow": (FlowGaussianDenoiser, lambda steps: (flow_grid(steps), float(flow_grid(1000)[1]))),
+}
+
+
+def exact_ode(form, mu, s, x0, sigma):
+    """Where the probability-flow ODE takes x0 (data N(mu, s^2)) at level sigma."""
+    if form == "ve":
+        return mu + math.sqrt(s * s + sigma * sigma) / s * (x0 - mu)
+    return (1 - sigma) * mu + math.sqrt((1 - sigma) ** 2 * s * s + sigma * sigma) / s * (x0 - mu)
+
+
+def roundtrip(model, x0, steps, variant, refine=0, grid=sd_grid):
+    up, floor = grid(steps)
     rec = []
     xt = sample_ddim_invert(model, x0, up, variant=variant, sigma_floor=floor, refine=refine, record=rec)
     back = sample_ddim(model, xt, up.flip(0))
@@ -53,37 +66,42 @@ def test_target_variant_is_exact_when_eps_depends_only_on_t():
     assert err < 1e-12
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("variant", ["current", "target"])
-def test_gaussian_data_reconstruction_converges(variant):
-    """Plain inversion is a first-order approximation: the error falls with the step count."""
+def test_gaussian_data_reconstruction_converges(variant, form):
+    """Plain inversion is a first-order approximation: the error falls with the step count (both noise forms)."""
     torch.manual_seed(0)
-    den = GaussianDenoiser(mu=0.1, s=0.8)
+    make, grid = FORMS[form]
     x0 = 0.1 + 0.8 * torch.randn(1, 4, 8, 8)
-    e25, _, _ = roundtrip(den, x0, 25, variant)
-    e100, _, _ = roundtrip(den, x0, 100, variant)
+    e25, _, _ = roundtrip(make(mu=0.1, s=0.8), x0, 25, variant, grid=grid)
+    e100, _, _ = roundtrip(make(mu=0.1, s=0.8), x0, 100, variant, grid=grid)
     assert e100 < e25 / 2.5, (e25, e100)
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("variant", ["current", "target"])
-def test_gaussian_data_reconstructs_to_1e5_with_refinement(variant):
-    """With fixed-point refinement each inversion step is the exact inverse of the DDIM step."""
+def test_gaussian_data_reconstructs_to_1e5_with_refinement(variant, form):
+    """With fixed-point refinement each inversion step is the exact inverse of the DDIM step (on flow also the
+    last step into pure noise, guidance.inversion's x0-anchored iteration)."""
     torch.manual_seed(0)
-    den = GaussianDenoiser(mu=0.1, s=0.8)
+    make, grid = FORMS[form]
     x0 = 0.1 + 0.8 * torch.randn(2, 4, 8, 8)
-    err, _, _ = roundtrip(den, x0, 25, variant, refine=6)
+    err, _, _ = roundtrip(make(mu=0.1, s=0.8), x0, 25, variant, refine=6, grid=grid)
     assert err < 1e-5, err
 
 
-def test_inverted_noise_matches_exact_ode_solution():
-    """For N(mu, s^2) data the PF-ODE maps x0 to mu + sqrt(s^2+sigma^2)/s * (x0 - mu) at level sigma."""
+@pytest.mark.parametrize("form", list(FORMS))
+def test_inverted_noise_matches_exact_ode_solution(form):
+    """For N(mu, s^2) data the PF-ODE maps x0 to a closed form at level sigma (helpers; on flow at sigma 1 it is
+    (x0 - mu) / s)."""
     torch.manual_seed(1)
     mu, s = 0.2, 0.6
+    make, grid = FORMS[form]
     x0 = mu + s * torch.randn(1, 4, 8, 8)
     errs = []
     for steps in (50, 200):
-        _, traj, xt = roundtrip(GaussianDenoiser(mu, s), x0, steps, "current")
-        sig_t = float(traj.sigmas[-1])
-        exact = mu + math.sqrt(s * s + sig_t * sig_t) / s * (x0 - mu)
+        _, traj, xt = roundtrip(make(mu, s), x0, steps, "current", grid=grid)
+        exact = exact_ode(form, mu, s, x0, float(traj.sigmas[-1]))
         errs.append(((xt - exact).norm() / exact.norm()).item())
     assert errs[1] < errs[0] / 2.5 and errs[1] < 0.02, errs
 
