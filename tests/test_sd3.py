@@ -71,7 +71,8 @@ def test_tiny_sd3_loads_as_sd3_with_flow_sampling(host):
 def test_inversion_reaches_pure_noise_and_reconstructs(host, latent_name):
     """The inverted latent at sigma 1 is the flow state itself (unit-variance noise, finite), the trajectory is in
     model space, and DDIM sampling from it reconstructs; the error falls with the step count and with refinement.
-    Measured on the tiny SD3: 8 steps 2.7e-2 ... (see the asserts' messages when they fail)."""
+    Measured on the tiny SD3 (relative to the latent): 8 steps 5.3e-2, 32 steps 1.4e-2, 8 steps with 4 refinements
+    6.4e-4."""
     e8, res = recon_error(host, latent_name, steps=8)
     inv = res.output("inv", 1)
     noise = res.output("inv", 0)["samples"]
@@ -80,14 +81,15 @@ def test_inversion_reaches_pure_noise_and_reconstructs(host, latent_name):
     assert torch.allclose(inv.trajectory.latents[-1], (noise - SHIFT) * SCALE, rtol=1e-5, atol=1e-5)
     assert 0.3 < float(inv.trajectory.latents[-1].std()) < 3.0
     e32, _ = recon_error(host, latent_name, steps=32)
-    assert e32 < 0.5 * e8, (e8, e32)
     refined, _ = recon_error(host, latent_name, steps=8, refine=4)
+    assert e32 < 0.5 * e8, (e8, e32)
     assert refined < 0.5 * e8, (e8, refined)
 
 
 def test_ddim_sampler_at_eta_0_is_cores_euler_on_flow(host, latent_name):
     """From the same noise (add_noise on, core's noise scaling), the Z2I DDIM sampler's flow step equals core's
-    Euler sampler to float rounding (the same update written as (1 - sigma') x0 + sigma' eps)."""
+    Euler sampler to float rounding (the same update written as (1 - sigma') x0 + sigma' eps): measured 1.4e-7
+    relative, asserted to 1e-5."""
     ours = host.run_prompt(graph(latent_name, add_noise=True), targets=["rec"]).output("rec", 0)["samples"]
     euler = host.run_prompt(graph(latent_name, add_noise=True, sampler={
         "class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}), targets=["rec"]).output("rec", 0)["samples"]
