@@ -288,7 +288,8 @@ def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=Non
         # an area-conditioned crop (ConditioningSetArea): its maps cover a part of the image at another
         # resolution, so controllers see only full-frame calls and the crop runs plain attention
         return plain()
-    controllers = [c for c in call.controllers if c.wants(site, call_hw(call, q.shape[1]), call)]
+    hw = call_hw(call, q.shape[1])
+    controllers = [c for c in call.controllers if c.wants(site, hw, call)]
     if not controllers:
         return plain()
     cou = list(extra_options.get("cond_or_uncond") or [0])

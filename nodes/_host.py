@@ -360,9 +360,9 @@ class Z2IKSampler(comfy.samplers.KSAMPLER):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         ms = model_wrap.inner_model.model_sampling
-        top_in = (latent_image is not None and float(sigmas[0]) >= 1.0 and noise_form_of(ms) is FLOW
-                  and not bool(noise.any()))
-        top_out = float(sigmas[-1]) >= 1.0 and noise_form_of(ms) is FLOW
+        flow = noise_form_of(ms) is FLOW
+        top_in = flow and latent_image is not None and float(sigmas[0]) >= 1.0 and not bool(noise.any())
+        top_out = flow and float(sigmas[-1]) >= 1.0
         if not (top_in or top_out):
             return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image=latent_image,
                                   denoise_mask=denoise_mask, disable_pbar=disable_pbar)
