@@ -41,11 +41,17 @@ def attn1_output_capture(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
     if call.latent_hw is not None and shape is not None and tuple(shape[-2:]) != tuple(call.latent_hw):
         return n
     hw = tuple(extra_options.get("activations_shape", [0, 0, 0, 0])[-2:])
-    cou = list(extra_options.get("cond_or_uncond") or [0])
+    store_features(call, site, n, hw, extra_options.get("cond_or_uncond"))
+    return n
+
+
+def store_features(call: FeatureCall, site: Site, n: torch.Tensor, hw: tuple, cond_or_uncond) -> None:
+    """Keep the token features n [batch, N, C] of one layer call, split by ComfyUI's cond_or_uncond, for the conds
+    the call asks for (shared by the UNet's attn1 output and the MMDiT's image stream, attention_patches.joint)."""
+    cou = list(cond_or_uncond or [0])
     for ci, chunk in zip(cou, n.chunk(len(cou))):
         if ci in call.conds:
             t = chunk if call.keep_graph else chunk.detach()
             old = call.features.get((site, ci))
             # a cond split over several calls (per-image rows, or core's memory chunking) is concatenated
-            call.features[(site, ci)] = (torch.cat([old[0], t]) if old is not None else t, hw)
-    return n
+            call.features[(site, ci)] = (torch.cat([old[0], t]) if old is not None else t, tuple(hw))

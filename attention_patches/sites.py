@@ -4,6 +4,9 @@ A site is (block, id, index): block in {"input", "middle", "output"}, id the UNe
 transformer block inside that block's SpatialTransformer (ComfyUI matches attn2 replace patches on exactly
 this triple, comfy/ldm/modules/attention.py). Sites are discovered from the module tree, never hard-coded,
 so SD1.x (16 sites), SD2.x and SDXL (several transformer blocks per site) all work.
+
+An MMDiT (SD3) has no cross-attention layer: its joint blocks attend over [text; image] tokens in one softmax
+(attention_patches/joint.py). Its sites are ("joint", i, 0), one per joint block, in the order they run.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Iterable
 
 import torch
 
-BLOCKS = ("input", "middle", "output")
+BLOCKS = ("input", "middle", "output", "joint")
+UNET_BLOCKS = BLOCKS[:3]
 
 
 @dataclass(frozen=True, order=True)
@@ -49,12 +53,35 @@ def cross_attention_sites(unet: torch.nn.Module) -> list[Site]:
     return sites
 
 
+def joint_sites(dit: torch.nn.Module) -> list[Site]:
+    """One site per joint block of an MMDiT: ("joint", i, 0)."""
+    return [Site("joint", i, 0) for i in range(len(getattr(dit, "joint_blocks", [])))]
+
+
 def select_sites(sites: Iterable[Site], spec: str) -> list[Site]:
-    """Filter sites by a comma list of block names ("input,middle,output") or explicit "output.3.0" ids."""
+    """Filter sites by a comma list of block names ("input,middle,output", "joint") or explicit "output.3.0" ids.
+
+    On an MMDiT (every site a joint block, "joint" names them all) the UNet's block names keep their place in the
+    network: "input" the joint blocks before the middle one (joint.middle_block: (n - 1) // 2), "middle" that one,
+    "output" those after it, so the nodes' defaults ("input,middle,output": every layer; zeroCon's "output": the
+    later half, as a UNet's decoder) mean the same on both."""
     sites = list(sites)
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     if not wanted:
         raise ValueError("empty layer selection: use e.g. 'input,middle,output' or 'output.3.0'")
+    if sites and all(s.block == "joint" for s in sites):
+        mid = max(0, (len(sites) - 1) // 2)
+        part = {"input": lambda s: s.id < mid, "middle": lambda s: s.id == mid, "output": lambda s: s.id > mid}
+        out = []
+        for w in wanted:
+            hits = [s for s in sites if (part[w](s) if w in part else w == "joint" or str(s) == w)]
+            if not hits and w not in part:        # a part may be empty on a shallow MMDiT (input at depth 2)
+                raise ValueError(f"'{w}' matches no joint block; this model has: " + ", ".join(str(s) for s in sites))
+            out += [h for h in hits if h not in out]
+        if not out:
+            raise ValueError(f"'{spec}' matches no joint block; this model has: " + ", ".join(str(s) for s in sites)
+                             + f" (input = before joint.{mid}.0, middle = joint.{mid}.0, output = after it)")
+        return sorted(out, key=lambda s: s.id)
     out = []
     for w in wanted:
         if w in BLOCKS:

@@ -64,8 +64,10 @@ _RECOMPUTING = contextvars.ContextVar("z2i_recomputing", default=False)
 def recomputing() -> bool:
     """True while a checkpointed layer is being recomputed for the backward pass: captures (maps, features) skip
     storing, so a layer's second forward leaves no trace; controllers that rewrite maps (CSG's mixup) still apply,
-    so the recomputed activations are the ones the forward made."""
-    return _RECOMPUTING.get()
+    so the recomputed activations are the ones the forward made. Also true for any forward run while a backward
+    pass is in progress (the host's own checkpointing: ComfyUI runs an MMDiT joint block under
+    torch.utils.checkpoint when a "dit" block replace calls it), since only a recomputation runs then."""
+    return _RECOMPUTING.get() or torch._C._current_graph_task_id() != -1
 
 
 def freeze(value):

@@ -34,6 +34,7 @@ class HCall:
     seen: list = field(default_factory=list)     # delta actually added, per call (for tests and stats)
     timestep: Optional[Callable] = None
     keep_seen: bool = True
+    latent_hw: Optional[tuple] = None            # (H, W) of the latent: an MMDiT's image tokens laid out as h
 
     def __deepcopy__(self, memo):
         return self

@@ -35,7 +35,7 @@ from ..attention_patches.controller import AttentionCall, Capture, MapStore
 from ..attention_patches.features import FeatureCall
 from .ddim import ddim_step, finish
 from .losses import cross_attention_loss, patch_nce_loss
-from .schedules import append_dims, eps_from_denoised
+from .schedules import VE, NoiseForm, append_dims
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DenoiseWithCall = Callable[[torch.Tensor, torch.Tensor, AttentionCall], torch.Tensor]
@@ -60,9 +60,10 @@ FORMS = ("code", "single")
 def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, reference_maps: dict, step: int,
                      lam: float, sites=None, contrastive: Optional[Contrastive] = None,
                      reference_features: Optional[dict] = None, weight: float = 1.0,
-                     patch_ids: Optional[dict] = None) -> tuple[torch.Tensor, float]:
+                     patch_ids: Optional[dict] = None, noise_form: NoiseForm = VE) -> tuple[torch.Tensor, float]:
     """One pix2pix-zero (or zeroCon) gradient step on the latent against the loss of `denoise_edit`'s maps
-    (times `weight`). Returns (updated x, loss before the step)."""
+    (times `weight`). Returns (updated x, loss before the step). The step is lambda in the papers' VP units
+    (vp_step_scale)."""
     store = MapStore(sites=sites, conds=(0,), keep_graph=True, max_steps=1)
     feats = FeatureCall(sites=contrastive.sites, keep_graph=True, latent_hw=tuple(x.shape[-2:])) \
         if contrastive is not None else None
@@ -85,13 +86,21 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
         store.clear()                          # the maps and features hold the graph: free it now
         if feats is not None:
             feats.features.clear()
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    x_new = x - lam * append_dims(1 + s * s, x.ndim) * grad.to(x.dtype)
+    x_new = x - lam * vp_step_scale(x, sigma, noise_form) * grad.to(x.dtype)
     return x_new.detach(), float(loss.detach())
 
 
+def vp_step_scale(x: torch.Tensor, sigma, noise_form: NoiseForm = VE) -> torch.Tensor:
+    """n(sigma)^2 with n the state's scale against the unit-variance VP latent z = x / n (schedules.NoiseForm.norm):
+    a step of lambda on z against grad_z L = n grad_x L is a step of lambda n^2 grad_x L on x. VE: 1 + sigma^2
+    (comfyui-internals.md section 2.3); FLOW: (1 - sigma)^2 + sigma^2."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    a = noise_form.a(s)
+    return append_dims(a * a + s * s, x.ndim)        # VE: a = 1, the same arithmetic as 1 + sigma^2
+
+
 def xa_guidance_pair(x: torch.Tensor, sigma, denoise_pair, reference_maps: dict, step: int, lam: float,
-                     sites=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                     sites=None, noise_form: NoiseForm = VE) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The code form's two guided halves in one batched UNet call (what the official code's batched pass does):
     x_u and x_c start at x, the caption half (cond index 0) is pulled toward its own reference maps, the edited
     half (cond index 1) toward the same maps, each by (1/2) of its loss; one backward pass gives both gradients
@@ -108,7 +117,7 @@ def xa_guidance_pair(x: torch.Tensor, sigma, denoise_pair, reference_maps: dict,
         loss = 0.5 * (halves[0] + halves[1])
         gu, gc = torch.autograd.grad(loss, [xu, xc])
         store.clear()                          # the maps hold the graph: free it now
-    s = append_dims(1 + torch.as_tensor(sigma, dtype=x.dtype, device=x.device) ** 2, x.ndim)
+    s = vp_step_scale(x, sigma, noise_form)
     return ((x - lam * s * gu.to(x.dtype)).detach(), (x - lam * s * gc.to(x.dtype)).detach(),
             0.5 * float(halves[1].detach()))
 
@@ -120,7 +129,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                         contrastive: Optional[Contrastive] = None, form: str = "code",
                         combine: Optional[Callable] = None, sigma_floor: Optional[float] = None,
                         denoise_pair: Optional[Callable] = None, keep: Optional[Callable] = None,
-                        pair_guidance: bool = True) -> torch.Tensor:
+                        pair_guidance: bool = True, noise_form: NoiseForm = VE) -> torch.Tensor:
     """Implements pix2pix-zero's edit pass from an inverted x_T over descending sigmas.
 
     denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral; in the code form also the guided
@@ -136,7 +145,11 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     autograd graph alive at a time: the samplers choose it on large latents). A schedule ending at the
     model's sigma(0) (`sigma_floor`) returns diffusers' clean latent (guidance.ddim.finish). `keep`
     (guidance.ddim.keep_outside): inpainting, applied to the edit and the reference after every step.
+    noise_form: the model's schedules.NoiseForm (VE for the UNet families, FLOW for SD3); the DDIM steps, eps and
+    the gradient step's VP units follow it. `combine` keeps each branch's own model output at the other latent
+    (eps on VE; on FLOW D + (x_u - x_c) keeps the velocity, finite at pure noise).
     """
+    nf = noise_form
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if form == "code" and lam != 0 and combine is None:
@@ -157,14 +170,14 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             ref_maps, feats = ref_store.step(i), (ref_feats.features if ref_feats is not None else None)
             if form == "single":
                 x_edit, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
-                                                feats)
+                                                feats, noise_form=nf)
                 denoised = denoise_cfg(x_edit, sigma)
             else:
                 ids = {} if contrastive is not None else None          # one set of patch locations per step
                 paired = denoise_pair is not None and pair_guidance and contrastive is None and x_edit is not x_ref
                 if paired:
                     paired_steps += 1
-                    x_u, x_c, loss = xa_guidance_pair(x_edit, sigma, denoise_pair, ref_maps, i, lam, sites)
+                    x_u, x_c, loss = xa_guidance_pair(x_edit, sigma, denoise_pair, ref_maps, i, lam, sites, nf)
                     d_u, d_c = denoise_pair(x_u, x_c, sigma, None)
                 elif x_edit is x_ref and contrastive is None:
                     # the first step: the caption half sits on the reference itself, its maps are M_ref, its loss
@@ -173,11 +186,11 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                     x_u, d_u = x_edit, d_ref
                 else:
                     x_u, _ = xa_guidance_step(x_edit, sigma, denoise_ref, ref_maps, i, lam, sites, contrastive,
-                                              feats, weight=0.5, patch_ids=ids)
+                                              feats, weight=0.5, patch_ids=ids, noise_form=nf)
                     d_u = None
                 if not paired:
                     x_c, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
-                                                 feats, weight=0.5, patch_ids=ids)
+                                                 feats, weight=0.5, patch_ids=ids, noise_form=nf)
                     if d_u is None and denoise_pair is not None:
                         d_u, d_c = denoise_pair(x_u, x_c, sigma, None)
                     else:
@@ -195,7 +208,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                 losses_after.append(float(after) * (0.5 if form == "code" else 1.0))
             step_bytes = max(step_bytes, ref_store.nbytes())
             ref_store.drop(i)
-            x_ref = ddim_step(d_ref, eps_from_denoised(x_ref, sigma, d_ref), sigma, sigma_next) \
+            x_ref = ddim_step(d_ref, nf.eps(x_ref, sigma, d_ref), sigma, sigma_next, form=nf) \
                 if float(sigma_next) > 0 else d_ref
             if keep is not None:
                 x_ref = keep(x_ref, sigma_next)
@@ -206,7 +219,7 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
         if float(sigma_next) == 0:
             x_edit = denoised
         else:
-            x_edit = ddim_step(denoised, eps_from_denoised(x_edit, sigma, denoised), sigma, sigma_next)
+            x_edit = ddim_step(denoised, nf.eps(x_edit, sigma, denoised), sigma, sigma_next, form=nf)
         if keep is not None:
             x_edit = keep(x_edit, sigma_next)
     if stats is not None:

@@ -25,6 +25,7 @@ import torch
 
 from ..attention_patches.controller import attn1_replace, attn2_replace, over
 from ..attention_patches.features import attn1_output_capture
+from ..attention_patches.joint import is_own as joint_own
 from ..guidance.autograd import autograd_parameters, checkpointed
 
 _OWN = (attn1_replace, attn2_replace, attn1_output_capture)     # Z2I's own patches save maps it needs as they are
@@ -124,7 +125,7 @@ def _unpack(t):
 
 def guard(fn):
     """fn (a patch function) run under a saved-tensors hook that stores copies when gradients are on."""
-    if getattr(fn, GUARDED, False) or fn in _OWN or over(fn) is fn:
+    if getattr(fn, GUARDED, False) or fn in _OWN or over(fn) is fn or joint_own(fn):
         return fn
 
     def guarded(*args, **kwargs):

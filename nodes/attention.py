@@ -8,8 +8,9 @@ from comfy_api.latest import io
 
 from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace
 from ..attention_patches.features import FEATURE_KEY, FeatureCall, attn1_output_capture
-from ..attention_patches.sites import cross_attention_sites, select_sites
-from ..guidance.ddim import model_sigma_floor
+from ..attention_patches.joint import with_joint_patches
+from ..attention_patches.sites import cross_attention_sites, joint_sites, select_sites
+from ..guidance.ddim import model_sigma_floor, noise_form_of_model
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
 from ._compose import (gradients_through, guard_inplace, guided_networks, inpainting, large_latent, own_rng,
                        per_image_conds, with_z2i_attn2)
@@ -36,10 +37,14 @@ class GuidedCalls:
         self.guider = model.inner_model
         self.base = self.guider.inner_model
         self.unet = self.base.diffusion_model
-        self.sites = cross_attention_sites(self.unet)
+        self.joint = hasattr(self.unet, "joint_blocks")             # an MMDiT (SD3): attention_patches.joint
+        self.sites = joint_sites(self.unet) if self.joint else cross_attention_sites(self.unet)
         if not self.sites:
             raise Z2IInputError(node, "model", "this UNet has no cross-attention layers", "use an SD1.x/SD2.x/SDXL model")
         mo = guard_inplace(extra_args.get("model_options", {}))     # other patches survive the backward pass
+        if self.joint:
+            self.patched = with_joint_patches(mo, len(self.sites))
+            return
         mo = with_z2i_attn2(mo, self.sites)                         # composed over other packs' attn2 replaces
         for s in self.sites:
             if self_attention and s.block == "output":
@@ -160,19 +165,24 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
              map_dtype=torch.float32, stats=None, check_loss=False, contrastive=None, node=None, form="code",
              pair=True, inversion=None):
     node = node or P2PZ
-    check_sampler_inputs(node, model, x, inversion)
+    check_sampler_inputs(node, model, x, inversion, flow_ok=True)
     extra_args, keep = inpainting(extra_args or {}, inversion, node)
     calls = GuidedCalls(model, extra_args or {}, node, rowwise=True)
     if not calls.conds("negative"):
         raise Z2IInputError(node, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt, as pix2pix-zero does")
-    sites = select_sites(calls.sites, layers) if layers.strip() else calls.sites
+    try:
+        sites = select_sites(calls.sites, layers) if layers.strip() else calls.sites
+    except ValueError as e:
+        raise Z2IInputError(node, "layers", str(e), "name blocks (input, middle, output; joint on SD3) or sites") \
+            from None
     if contrastive is not None:
         spec, seed = contrastive
         try:
             feature_sites = frozenset(select_sites(calls.sites, spec["feature_layers"]))
         except ValueError as e:
-            raise Z2IInputError(node, "feature_layers", str(e), "name blocks (input, middle, output) or sites") from None
+            raise Z2IInputError(node, "feature_layers", str(e), "name blocks (input, middle, output; joint on SD3) or "
+                                "sites") from None
         contrastive = Contrastive(lambda_c=spec["lambda_c"], lambda_e=spec["lambda_e"], sites=feature_sites,
                                   n_patches=spec["n_patches"], tau=spec["tau"],
                                   generator=torch.Generator().manual_seed(int(seed)))
@@ -180,7 +190,8 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
         sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
         contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model),
-        denoise_pair=calls.denoise_pair() if pair else None, keep=keep, pair_guidance=not large_latent(x))
+        denoise_pair=calls.denoise_pair() if pair else None, keep=keep, pair_guidance=not large_latent(x),
+        noise_form=noise_form_of_model(model))
     if xa_guidance == 0:
         return run()
     with gradients_through(guided_networks(model, extra_args or {})):

@@ -1,0 +1,112 @@
+"""The five methods on SD3 (MMDiT, rectified flow) in the real host, on the tiny SD3 checkpoint (issue 17):
+joint-attention maps against a reference computed from q and k, and for each method an effect (guidance on vs
+off) and a guidance-off path equal to plain sampling."""
+import pytest
+import torch
+
+from z2i.tests.test_sd3 import SD3, graph, latent_name  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.host
+
+CAPTION, EDITED = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def edit_graph(latent_name, sampler: dict, steps: int = 4, cfg: float = 3.0) -> dict:   # noqa: F811
+    p = graph(latent_name, steps=steps)
+    p["edit"] = {"class_type": "CLIPTextEncode", "inputs": {"text": EDITED, "clip": ["ckpt", 1]}}
+    p["sampler"] = sampler
+    p["s"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["ckpt", 0], "add_noise": False, "noise_seed": 0, "cfg": cfg, "positive": ["edit", 0],
+        "negative": ["pos", 0], "sampler": ["sampler", 0], "sigmas": ["inv", 2], "latent_image": ["inv", 0]}}
+    p["plain"] = {"class_type": "SamplerCustom", "inputs": {**p["s"]["inputs"], "sampler": ["ddim", 0]}}
+    return p
+
+
+def p2p(xa=0.1, **extra):
+    return {"class_type": "Z2I_Pix2PixZeroSampler", "inputs": {"xa_guidance": xa, "layers": "input,middle,output",
+                                                                "map_precision": "fp32", **extra}}
+
+
+def test_joint_maps_match_a_reference_from_q_and_k(host, latent_name):   # noqa: F811
+    """The image-to-text maps handed to the controllers are the image rows' text block of softmax(q k^T / sqrt(d))
+    over [text; image] keys, recomputed here in fp64 from the q and k the host passed to the attention: 1e-5."""
+    from z2i.attention_patches.controller import CALL_KEY, AttentionCall, Capture, MapStore
+    from z2i.attention_patches.joint import JOINT_KEY, OVERRIDE, with_joint_patches
+
+    res = host.run_prompt(graph(latent_name, steps=4), targets=["ckpt", "pos", "inv"])
+    model, cond = res.output("ckpt", 0), res.output("pos", 0)
+    x = res.output("inv", 1).trajectory.latents[2]
+    seen = []
+
+    def recorder(func, q, k, v, *args, **kwargs):          # another pack's override: sees q and k, runs the kernel
+        to = kwargs.get("transformer_options") or {}
+        if JOINT_KEY in to:
+            seen.append((to[JOINT_KEY], q.detach().double(), k.detach().double(),
+                         kwargs.get("heads", args[0] if args else None)))
+        return func(q, k, v, *args, **kwargs)
+
+    store = MapStore(max_steps=1)
+    mo = with_joint_patches({"transformer_options": {OVERRIDE: recorder}}, 2)
+    mo["transformer_options"][CALL_KEY] = AttentionCall(0, [Capture(store)], latent_hw=tuple(x.shape[-2:]))
+    base = model.model
+    import comfy.model_management
+    comfy.model_management.load_models_gpu([model])
+    kw = {"c_crossattn": cond[0][0], "y": cond[0][1]["pooled_output"]}
+    with torch.inference_mode():
+        sigma = torch.tensor([0.5])
+        out = base.apply_model(x, sigma, transformer_options=mo["transformer_options"], **kw)
+        plain = base.apply_model(x, sigma, **kw)
+    assert torch.equal(out, plain)                       # reading the maps leaves the output as the kernel's
+    assert len(seen) == 2 and len(store.step(0)) == 2
+    for (index, n_txt), q, k, heads in seen:
+        b, n, hd = q.shape
+        qh = q.reshape(b, n, heads, hd // heads).transpose(1, 2)
+        kh = k.reshape(b, n, heads, hd // heads).transpose(1, 2)
+        ref = torch.softmax(qh @ kh.transpose(-1, -2) / (hd // heads) ** 0.5, -1)[:, :, n_txt:, :n_txt]
+        from z2i.attention_patches.sites import Site
+        got = store.get(0, Site("joint", index, 0), 0).double()
+        assert got.shape == ref.shape == (1, heads, 16, n_txt)
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_pix2pix_zero_on_sd3_has_an_effect_and_is_plain_ddim_when_off(host, latent_name):   # noqa: F811
+    res = host.run_prompt(edit_graph(latent_name, p2p(0.0)), targets=["s", "plain"])
+    off, plain = res.output("s", 0)["samples"], res.output("plain", 0)["samples"]
+    assert torch.equal(off, plain)
+    on = host.run_prompt(edit_graph(latent_name, p2p(5.0)), targets=["s"]).output("s", 0)["samples"]
+    assert torch.isfinite(on).all()
+    assert rel(on, plain) > 1e-3, rel(on, plain)
+
+
+def test_pix2pix_zero_guidance_on_sd3_lowers_the_joint_map_loss(host, latent_name):   # noqa: F811
+    """Each guided step moves the edit toward the reference's image-to-text maps: the loss after the step is below
+    the loss before it, at every step (check_loss evaluates the maps again at the moved latent)."""
+    from z2i.tests.helpers import run_sampler_with_stats
+    out, stats = run_sampler_with_stats(host, edit_graph(latent_name, p2p(1.0)), "edit", "pos", 3.0,
+                                        check_loss=True)
+    assert torch.isfinite(out).all() and stats["steps"] == 4
+    before, after = stats["losses"], stats["losses_after"]
+    assert len(before) == 4 and all(a < b for a, b in zip(after, before) if b > 0), (before, after)
+    assert sum(before) > 0
+
+
+def zerocon(step=0.1, lambda_e=0.5):
+    return {"class_type": "Z2I_Pix2PixZeroConSampler", "inputs": {
+        "lambda_step": step, "lambda_c": 1.0, "lambda_e": lambda_e, "feature_layers": "output", "n_patches": 8,
+        "tau": 0.07, "seed": 0, "layers": "input,middle,output"}}
+
+
+def test_pix2pix_zerocon_on_sd3_uses_image_stream_features(host, latent_name):   # noqa: F811
+    """zeroCon's PatchNCE term on the image stream after the later joint blocks ("output" on an MMDiT): with
+    lambda_step 0 it is plain DDIM; on, the PatchNCE term changes the result against pix2pix-zero's alone
+    (lambda_e 0) at the same step."""
+    res = host.run_prompt(edit_graph(latent_name, zerocon(0.0)), targets=["s", "plain"])
+    assert torch.equal(res.output("s", 0)["samples"], res.output("plain", 0)["samples"])
+    with_nce = host.run_prompt(edit_graph(latent_name, zerocon(2.0, 5.0)), targets=["s"]).output("s", 0)["samples"]
+    without = host.run_prompt(edit_graph(latent_name, zerocon(2.0, 0.0)), targets=["s"]).output("s", 0)["samples"]
+    assert torch.isfinite(with_nce).all()
+    assert rel(with_nce, without) > 1e-4, rel(with_nce, without)
