@@ -65,7 +65,8 @@ class TokenMapMean(AttentionController):
 
 class SelfAttentionMean(AttentionController):
     """Running mean of the head-averaged self-attention of the last decoder layer whose resolution is at most
-    `hw` (the finest such layer; the authors' code uses the last 64x64 one)."""
+    `hw` (the finest such layer; the authors' code uses the last 64x64 one). On an MMDiT: the last joint block's
+    image-to-image attention, renormalised per row (attention_patches.joint)."""
 
     def __init__(self, hw: tuple[int, int], cond: int = 0):
         self.target, self.cond = tuple(hw), cond
@@ -78,7 +79,7 @@ class SelfAttentionMean(AttentionController):
     head_mean_only = True       # the map is computed one head at a time (controller.head_mean)
 
     def wants(self, site: Site, hw: tuple[int, int], call: AttentionCall) -> bool:
-        if site.block != "output" or hw[0] > self.target[0] or hw[1] > self.target[1]:
+        if site.block not in ("output", "joint") or hw[0] > self.target[0] or hw[1] > self.target[1]:
             return False
         # once the first step has found the layer, the other layers' maps are not computed at all
         return self.site is None or (site == self.site and tuple(hw) == tuple(self.hw))

@@ -15,7 +15,8 @@ gamma_t * sqrt(1 + sigma_s^2) / sqrt(1 + sigma_t^2) = 1 - sigma_s / sigma_t, so
 
     x_s = DDIM_sigma(x_t) - (1 - sigma_s / sigma_t) * Omega_t * (x_t - x_t^src).
 
-No gradient and no backpropagation are involved.
+On a rectified-flow state x = (1 - sigma) x0 + sigma eps (SD3) the same VP pull is a'/a - b'/b with a = 1 - sigma,
+b = sigma (pull_coefficient). No gradient and no backpropagation are involved.
 
 Capping the pull (csg_step's `clamp`) is ours, not the paper's. With 50 steps and lambda_pre 15 the paper's
 pull is 1.65 * P at the first step (it over-corrects but contracts) and a soft mask is off the gate B_t before
@@ -30,7 +31,7 @@ from typing import Optional
 import torch
 
 from .ddim import ddim_step
-from .schedules import eps_from_denoised
+from .schedules import VE, NoiseForm
 
 
 def gamma_vp(sigma, sigma_next) -> float:
@@ -39,9 +40,17 @@ def gamma_vp(sigma, sigma_next) -> float:
     return math.sqrt(a_s / a_t) - math.sqrt((1 - a_s) / (1 - a_t))
 
 
-def pull_coefficient(sigma, sigma_next) -> float:
-    """gamma_t converted to sigma space: 1 - sigma_next / sigma."""
-    return 1.0 - float(sigma_next) / float(sigma)
+def pull_coefficient(sigma, sigma_next, form: NoiseForm = VE) -> float:
+    """gamma_t converted to the state's units: a'/a - b'/b for a state x = a x0 + b eps (schedules.NoiseForm), i.e.
+    1 - sigma_next / sigma on VE. On FLOW, (1 - sigma')/(1 - sigma) - sigma'/sigma; at pure noise (sigma = 1, a = 0)
+    the state holds no image and the VP pull is unbounded, so it is 0 there: the sampler starts from the
+    inversion's own noise, where x - x^src = 0 anyway."""
+    if form is VE:
+        return 1.0 - float(sigma_next) / float(sigma)
+    a, a_next = float(form.a(float(sigma))), float(form.a(float(sigma_next)))
+    if a <= 0:
+        return 0.0
+    return a_next / a - float(sigma_next) / float(sigma)
 
 
 def background_gate(background: torch.Tensor, step: int, steps: int, delta: float = 1.5) -> torch.Tensor:
@@ -68,16 +77,16 @@ def hard_background(background: torch.Tensor) -> torch.Tensor:
 
 
 def csg_step(x: torch.Tensor, sigma, sigma_next, denoised: torch.Tensor, x_src: torch.Tensor,
-             omega_t: torch.Tensor, clamp=False) -> torch.Tensor:
+             omega_t: torch.Tensor, clamp=False, form: NoiseForm = VE) -> torch.Tensor:
     """Eq. 18 in sigma space. omega_t: [B or 1, H, W] (broadcast over channels).
 
     `clamp` caps the pull coefficient times Omega at 1: True everywhere, or a bool tensor [B or 1] for the
     images to cap (e.g. hard_background). Ours, not the paper (algorithms.md CSG pitfall 2):
     a capped step removes at most the whole x - x^src instead of over-correcting it. False = Eq. 18 as written.
     """
-    eps = eps_from_denoised(x, sigma, denoised)
-    base = ddim_step(denoised, eps, sigma, sigma_next) if float(sigma_next) > 0 else denoised
-    pull = pull_coefficient(sigma, sigma_next) * omega_t[:, None].to(x)
+    eps = form.eps(x, sigma, denoised)
+    base = ddim_step(denoised, eps, sigma, sigma_next, form=form) if float(sigma_next) > 0 else denoised
+    pull = pull_coefficient(sigma, sigma_next, form) * omega_t[:, None].to(x)
     if isinstance(clamp, torch.Tensor):
         where = clamp.to(device=x.device, dtype=torch.bool)
         pull = torch.where(where.reshape(where.shape[0], *([1] * (pull.ndim - 1))), pull.clamp(max=1.0), pull)

@@ -15,13 +15,14 @@ from comfy_api.latest import io
 
 from ..attention_patches.controller import AttentionCall, AttentionController, Capture, MapStore, Mixup, attn2_replace, over
 from ..attention_patches.csg_mask import SelfAttentionMean, TokenMapMean, content_mask
+from ..attention_patches.joint import OVERRIDE, foreign_joint_patches, is_own as joint_own, with_joint_patches
 from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
-from ..guidance.ddim import ddim_step, finish, model_sigma_floor
-from ..guidance.schedules import eps_from_denoised
+from ..guidance.ddim import ddim_step, finish, model_sigma_floor, noise_form_of_model
 from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
                        rows_of, with_z2i_attn2)
-from ._host import Z2IKSampler, Z2IInputError, check_inversion, check_sampler_inputs, interruptible, model_signature, unet_of
+from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_sampler_inputs, denoiser_of, interruptible,
+                    model_signature)
 from .attention import GuidedCalls
 from .types import CSGSourceMapsType, InversionType
 
@@ -71,8 +72,12 @@ def foreign_options(model_options: dict) -> Optional[str]:
             return f"a '{kind}' patch"
     for kind, entries in (to.get("patches_replace") or {}).items():
         for key, fn in (entries or {}).items():
-            if not (kind == "attn2" and fn is attn2_replace):
+            if not (kind == "attn2" and fn is attn2_replace) and not (kind == "dit" and joint_own(fn)
+                                                                      and fn.keywords.get("inner") is None):
                 return f"a '{kind}' replace patch at {key}"
+    override = to.get(OVERRIDE)
+    if override is not None and not (joint_own(override) and override.keywords.get("inner") is None):
+        return "another pack's attention override"
     if any(v for v in (to.get("wrappers") or {}).values()):
         return "a model wrapper"
     return None
@@ -185,6 +190,8 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
     h, w = x.shape[-2:]
     mask_hw = (max(1, h >> mask_level), max(1, w >> mask_level))
     token_hw = (max(1, h >> token_level), max(1, w >> token_level))
+    if calls.joint:          # an MMDiT's joint blocks are all at its patch grid: every one gives the word map
+        token_hw = (h, w)
     traj = inversion.trajectory
     denoise = calls.denoise_one("positive")
     cb = interruptible(callback)
@@ -289,7 +296,7 @@ class CSGMask(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, inversion, caption, word, token_level, mask_level,
                 source_maps=KEEP_AUTO, source_maps_precision=KEEP_FP16) -> io.NodeOutput:
-        unet_of(model, MASK_NODE)
+        denoiser_of(model, MASK_NODE)
         check_inversion(MASK_NODE, inversion, model)
         check_caption(clip, caption, inversion.positive, MASK_NODE)
         positions = word_positions(clip, caption, word, MASK_NODE)
@@ -364,13 +371,16 @@ class CrossAttentionMixup(io.ComfyNode):
                 mask_normalisation=NORMALISE_CODE) -> io.NodeOutput:
         if strength == 0:
             return io.NodeOutput(model)
-        unet = unet_of(model, MIXUP_NODE)
+        unet = denoiser_of(model, MIXUP_NODE)
         token_map = None
         if clip is not None and source_prompt.strip() and target_prompt.strip():
             src, tgt = _ids(clip, source_prompt), _ids(clip, target_prompt)
             token_map = align_tokens(src, tgt)
         m = model.clone()
-        for s in cross_attention_sites(unet):       # over another pack's attn2 replace, if any (controller.over)
+        if hasattr(unet, "joint_blocks"):           # SD3: the joint blocks' image-to-text maps (attention_patches.joint)
+            m.model_options = with_joint_patches(m.model_options, len(unet.joint_blocks))
+        for s in cross_attention_sites(unet) if not hasattr(unet, "joint_blocks") else []:
+            # over another pack's attn2 replace, if any (controller.over)
             m.set_model_attn2_replace(over(attn2_at(m.model_options, s)), s.block, s.id, s.index)
         mask = background if background.ndim == 3 else background[None]
         m.model_options["transformer_options"][MIXUP_KEY] = MixupSpec(
@@ -381,7 +391,8 @@ class CrossAttentionMixup(io.ComfyNode):
 @own_rng
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
             lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True, source_maps=None, stats=None):
-    check_sampler_inputs(CSG_NODE, model, x, inversion)
+    check_sampler_inputs(CSG_NODE, model, x, inversion, flow_ok=True)
+    nf = noise_form_of_model(model)
     cached = None
     if source_maps is not None and (extra_args or {}).get("model_options", {}).get(
             "transformer_options", {}).get(MIXUP_KEY) is not None:
@@ -402,9 +413,12 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         # another pack replaced the mixup's attn2 patch after the mixup node: compose over it for this run
         # (its function still runs where maps are only read; mixed layers warn) instead of dropping the mixup
         mo = extra_args.get("model_options", {})
-        sites = cross_attention_sites(model.inner_model.inner_model.diffusion_model)
-        if foreign_attn2_sites(mo, sites):
-            extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, sites)}
+        net = model.inner_model.inner_model.diffusion_model
+        if hasattr(net, "joint_blocks"):
+            if foreign_joint_patches(mo, len(net.joint_blocks)):
+                extra_args = {**extra_args, "model_options": with_joint_patches(mo, len(net.joint_blocks))}
+        elif foreign_attn2_sites(mo, cross_attention_sites(net)):
+            extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, cross_attention_sites(net))}
     calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=True) if spec is not None else None
     rows = rows_of(model)          # each image evaluated as alone (guidance.ddim.per_row)
     store = MapStore(conds=(0,), max_steps=1)
@@ -437,11 +451,12 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             denoised = rows(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
         cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if lambda_pre != 0:
-            x = csg_step(x, sigma, sigma_next, denoised, x_src, omega(bg, lambda_pre, i, steps, delta), clamp=clamp)
+            x = csg_step(x, sigma, sigma_next, denoised, x_src, omega(bg, lambda_pre, i, steps, delta), clamp=clamp,
+                         form=nf)
         elif float(sigma_next) == 0:
             x = denoised
         else:
-            x = ddim_step(denoised, eps_from_denoised(x, sigma, denoised), sigma, sigma_next)
+            x = ddim_step(denoised, nf.eps(x, sigma, denoised), sigma, sigma_next, form=nf)
         if keep is not None:
             x = keep(x, sigma_next)
     return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)

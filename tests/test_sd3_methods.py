@@ -110,3 +110,45 @@ def test_pix2pix_zerocon_on_sd3_uses_image_stream_features(host, latent_name):  
     without = host.run_prompt(edit_graph(latent_name, zerocon(2.0, 0.0)), targets=["s"]).output("s", 0)["samples"]
     assert torch.isfinite(with_nce).all()
     assert rel(with_nce, without) > 1e-4, rel(with_nce, without)
+
+
+def csg_graph(latent_name, lambda_pre=15.0, strength=1.0, keep="keep", steps=4):   # noqa: F811
+    p = edit_graph(latent_name, {"class_type": "Z2I_CSGSampler", "inputs": {
+        "inversion": ["inv", 1], "background": ["mask", 0], "lambda_pre": lambda_pre, "delta": 1.5,
+        "clamp_pull": True, "source_maps": ["mask", 3]}}, steps=steps)
+    p["mask"] = {"class_type": "Z2I_CSGMask", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1], "caption": CAPTION, "word": "cat",
+        "token_level": 2, "mask_level": 0, "source_maps": keep, "source_maps_precision": "fp32 (as the source row)"}}
+    p["mix"] = {"class_type": "Z2I_CrossAttentionMixup", "inputs": {
+        "model": ["ckpt", 0], "background": ["mask", 0], "strength": strength, "clip": ["ckpt", 1],
+        "source_prompt": CAPTION, "target_prompt": EDITED}}
+    p["s"]["inputs"]["model"] = ["mix", 0]
+    return p
+
+
+def test_csg_mask_on_sd3_reads_the_word_from_the_joint_maps(host, latent_name):   # noqa: F811
+    """The content mask on SD3: the word's image-to-text maps of every joint block, smoothed by the last joint
+    block's image-to-image attention (renormalised per row); a soft background probability in [0, 1] that is not
+    constant, at image size, and source maps of every step for every joint block."""
+    res = host.run_prompt(csg_graph(latent_name), targets=["mask"])
+    bg, obj, word, maps = (res.output("mask", i) for i in range(4))
+    assert bg.shape == (1, 64, 64) and float(bg.min()) >= 0 and float(bg.max()) <= 1
+    assert float(bg.std()) > 1e-3 and float(word.std()) > 1e-3
+    assert maps is not None and maps.store.steps_held == 4
+    assert {s.block for (s, c) in maps.store.step(0)} == {"joint"} and len(maps.store.step(0)) == 2
+
+
+def test_csg_on_sd3_cached_maps_equal_lockstep_and_guidance_off_is_plain(host, latent_name):   # noqa: F811
+    """CSG on SD3: the mixup mixes the joint blocks' image-to-text maps (rescaled to each row's text mass) and the
+    pull works in flow units. With lambda_pre 0 and the mixup off it is plain DDIM exactly; each part alone changes
+    the result; the mask pass's fp32 maps give the lockstep source row's result."""
+    off = host.run_prompt(csg_graph(latent_name, lambda_pre=0.0, strength=0.0), targets=["s", "plain"])
+    plain = off.output("plain", 0)["samples"]
+    assert torch.equal(off.output("s", 0)["samples"], plain)
+    pull = host.run_prompt(csg_graph(latent_name, strength=0.0), targets=["s"]).output("s", 0)["samples"]
+    mix = host.run_prompt(csg_graph(latent_name, lambda_pre=0.0), targets=["s"]).output("s", 0)["samples"]
+    both = host.run_prompt(csg_graph(latent_name), targets=["s"]).output("s", 0)["samples"]
+    lockstep = host.run_prompt(csg_graph(latent_name, keep="don't keep"), targets=["s"]).output("s", 0)["samples"]
+    for out in (pull, mix, both):
+        assert torch.isfinite(out).all() and rel(out, plain) > 1e-4, rel(out, plain)
+    assert rel(both, lockstep) < 1e-5, rel(both, lockstep)
