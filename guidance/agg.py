@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from .ddim import ddim_step
-from .schedules import append_dims, eps_from_denoised
+from .schedules import VE, NoiseForm, append_dims
 
 
 def l1_regularizer(x0: torch.Tensor, target: torch.Tensor, weight: float) -> torch.Tensor:
@@ -52,8 +52,13 @@ def total_loss(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float,
 
 
 def mcg_x0(x: torch.Tensor, sigma, denoise: Callable, target: Optional[torch.Tensor], weight: float,
-           extra_loss: Optional[Callable] = None):
-    """Steps 1 of AGG: (D, x0_bar, loss) where x0_bar = D - sigma^2 * grad_x l(D(x)) (eps_tilde in the x0 term)."""
+           extra_loss: Optional[Callable] = None, form: NoiseForm = VE):
+    """Steps 1 of AGG: (D, x0_bar, loss) where x0_bar = D - sigma^2 * grad_x l(D(x)) (eps_tilde in the x0 term).
+
+    In general x0_bar = D - (b^2 / a) grad_x l for a state x = a x0 + b eps (schedules.NoiseForm): eps_tilde =
+    eps + sqrt(1 - a_t) grad_{x^VP} l moves the VP x0 estimate by -(1 - a_t)/sqrt(a_t) grad_{x^VP} l, and x^VP =
+    x / n with n = sqrt(a^2 + b^2). VE (a = 1, b = sigma): sigma^2; FLOW (SD3; D = x - sigma v, so x0 = x - sigma v
+    as the issue puts it): sigma^2 / (1 - sigma), no step at pure noise (a = 0; AGG leaves the top level unguided)."""
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         d = denoise(xg)
@@ -61,7 +66,8 @@ def mcg_x0(x: torch.Tensor, sigma, denoise: Callable, target: Optional[torch.Ten
         grad, = torch.autograd.grad(loss, xg)
     d = d.detach()
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    return d, d - append_dims(s * s, x.ndim) * grad.to(x.dtype), float(loss.detach())
+    scale = s * s if form is VE else torch.where(form.a(s) > 0, s * s / form.a(s).clamp_min(1e-30), s * 0)
+    return d, d - append_dims(scale, x.ndim) * grad.to(x.dtype), float(loss.detach())
 
 
 def dds_refine(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float, lr: float = 0.01, steps: int = 10,
@@ -88,14 +94,14 @@ def dds_refine(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float, 
 def agg_step(x: torch.Tensor, sigma, sigma_next, denoise: Callable, target: Optional[torch.Tensor], weight: float,
              dds_lr: float = 0.01, dds_steps: int = 10, object_mask: Optional[torch.Tensor] = None,
              eta: float = 0.0, noise: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
-             extra_loss: Optional[Callable] = None):
-    """One reverse step -> (x_next, x0 used). `object_mask` [B or 1, H, W] (1 = object): Eq. 19's middle phase.
+             extra_loss: Optional[Callable] = None, form: NoiseForm = VE):
+    """One reverse step -> (x_next, x0 used), in the model's NoiseForm `form`. `object_mask` [B or 1, H, W] (1 = object): Eq. 19's middle phase.
     `extra_loss(x0) -> scalar`: the optional style term of Eq. 15, added to the L1 regulariser."""
     if (target is None or weight == 0) and extra_loss is None:
         d = denoise(x)
         x0 = d
     else:
-        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight, extra_loss)
+        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight, extra_loss, form)
         dds_losses = [] if stats is not None else None
         x0 = dds_refine(x0_bar, target, weight, dds_lr, dds_steps, dds_losses, extra_loss)
         if object_mask is not None:
@@ -109,8 +115,8 @@ def agg_step(x: torch.Tensor, sigma, sigma_next, denoise: Callable, target: Opti
             stats.setdefault("dds_losses", []).append(dds_losses)
     if float(sigma_next) == 0:
         return x0, x0
-    eps = eps_from_denoised(x, sigma, d)          # the original eps: the asymmetric update
-    return ddim_step(x0, eps, sigma, sigma_next, eta=eta, noise=noise), x0
+    eps = form.eps(x, sigma, d)          # the original eps: the asymmetric update
+    return ddim_step(x0, eps, sigma, sigma_next, eta=eta, noise=noise, form=form), x0
 
 
 def boundary(value: float, steps: int) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .ddim import ddim_step, seeded_noise_sampler
-from .schedules import eps_from_denoised
+from .schedules import VE, NoiseForm
 
 FORMAT = "z2i.h_direction.v1"
 
@@ -133,9 +133,10 @@ def step_scale(steps_trained: Optional[int], steps_now: int) -> float:
 def sample_asyrp(model_edit: Callable, model_orig: Callable, x: torch.Tensor, sigmas: torch.Tensor,
                  edit_steps: int, boost_from: int, seed: Optional[int] = None,
                  callback: Optional[Callable[[dict], None]] = None, symmetric: bool = False,
-                 keep: Optional[Callable] = None) -> torch.Tensor:
+                 keep: Optional[Callable] = None, form: NoiseForm = VE) -> torch.Tensor:
     """Implements Asyrp's Alg. 1 generation (Eq. 9). model_edit/model_orig(x, sigma) -> denoised, with and
-    without delta_h. `symmetric=True` uses the edited prediction in both terms (for the Theorem 1 check)."""
+    without delta_h. `symmetric=True` uses the edited prediction in both terms (for the Theorem 1 check).
+    `form`: the model's schedules.NoiseForm (FLOW on SD3: eps from D by (x - (1 - sigma) D) / sigma, flow DDIM)."""
     n = len(sigmas) - 1
     noise_sampler = seeded_noise_sampler(x, seed) if boost_from < n else None
     for i in range(n):
@@ -143,19 +144,19 @@ def sample_asyrp(model_edit: Callable, model_orig: Callable, x: torch.Tensor, si
         if i < edit_steps:
             d_edit = model_edit(x, sigma)
             d_orig = d_edit if symmetric else model_orig(x, sigma)
-            x0, eps = d_edit, eps_from_denoised(x, sigma, d_orig)
+            x0, eps = d_edit, form.eps(x, sigma, d_orig)
             denoised = d_edit
         else:
             denoised = model_orig(x, sigma)
-            x0, eps = denoised, eps_from_denoised(x, sigma, denoised)
+            x0, eps = denoised, form.eps(x, sigma, denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if float(sigma_next) == 0:
             x = x0
         elif i >= boost_from:
-            x = ddim_step(x0, eps, sigma, sigma_next, eta=1.0, noise=noise_sampler(sigma, sigma_next))
+            x = ddim_step(x0, eps, sigma, sigma_next, eta=1.0, noise=noise_sampler(sigma, sigma_next), form=form)
         else:
-            x = ddim_step(x0, eps, sigma, sigma_next)
+            x = ddim_step(x0, eps, sigma, sigma_next, form=form)
         if keep is not None:                  # inpainting (guidance.ddim.keep_outside)
             x = keep(x, sigma_next)
     return x

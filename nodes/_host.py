@@ -44,7 +44,7 @@ def interruptible(callback: Optional[Callable[[dict], None]]) -> Callable[[dict]
     return step
 
 
-FLOW_NODES = "DDIM Inversion and the DDIM Sampler"     # the Z2I nodes that run on SD3 (rectified flow) so far
+UNET_ONLY = "h-space Direction Train"     # the one Z2I node that does not run on SD3 (rectified flow)
 
 
 def is_sd3(model) -> bool:
@@ -69,11 +69,12 @@ def unet_of(model, node: str, input_name: str = "model"):
     if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
         if is_sd3(model):
             raise Z2IInputError(node, input_name, "this node needs a UNet (SD1.x, SD2.x, SDXL); on SD3 (MMDiT, "
-                                f"rectified flow) Z2I runs {FLOW_NODES} so far", "load an SD1.x/SD2.x/SDXL "
-                                "checkpoint for this method, or use the SD3 model with those two nodes")
+                                f"rectified flow) every Z2I node runs except {UNET_ONLY} (its trainer is built on a "
+                                "UNet's middle block and is not ported to SD3)", "load an SD1.x/SD2.x/SDXL "
+                                "checkpoint to train a direction, or on SD3 use h-space Direction From Prompts")
         raise Z2IInputError(node, input_name, f"this {type(model.model).__name__} model has no UNet "
-                            f"({type(unet).__name__})", "Z2I works with Stable Diffusion 1.x, 2.x and SDXL "
-                            f"checkpoints, and SD3 for {FLOW_NODES} (Flux and other DiTs are untested here: they "
+                            f"({type(unet).__name__})", "Z2I works with Stable Diffusion 1.x, 2.x, SDXL and SD3 "
+                            "checkpoints (Flux and other DiTs are untested here: they "
                             "need a T5 text encoder this project cannot test with); load one of those")
     ms = model.get_model_object("model_sampling")
     if not isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) or not isinstance(

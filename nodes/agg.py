@@ -10,9 +10,9 @@ from comfy_api.latest import io
 from ..guidance.agg import agg_step, boundary
 from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
-from ..guidance.ddim import finish, model_sigma_floor, seeded_noise_sampler
+from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model, seeded_noise_sampler
 from ._compose import gradients_through, guard_inplace, guided_networks, inpainting, own_rng, rows_of
-from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
+from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible, is_sd3
 from .clip_models import ClipLossModelType, image_decoder, ready
 from .types import InversionType
 
@@ -23,7 +23,12 @@ NODE = "Z2I AGG Sampler"
 def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, weight=0.1,
             dds_lr=0.01, dds_steps=10, guided_until=0.2, masked_until=0.8, object_mask=None, eta=0.0, stats=None,
             style=None):
-    check_sampler_inputs(NODE, model, x, inversion)
+    check_sampler_inputs(NODE, model, x, inversion, flow_ok=True)
+    if style is not None and is_sd3(model.inner_model.model_patcher):
+        raise Z2IInputError(NODE, "style_clip", "the CLIP style loss (App. B) is not built for SD3: its x0 decode and "
+                            "cutouts are tested on the UNet families only", "disconnect style_clip on SD3 (the L1 "
+                            "structure guidance runs on it), or use an SD1.x/SD2.x/SDXL model for the style loss")
+    form = noise_form_of_model(model)
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)     # noise mask: keep the source outside
     traj = inversion.trajectory
     n = len(sigmas) - 1
@@ -56,7 +61,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             x_next, x0 = agg_step(
                 x, sigma, sigma_next, lambda xx, s=sigma: rows(xx, s * s_in, **extra_args), target, weight,
                 dds_lr, dds_steps, mask if (mask is not None and i >= e1) else None, eta, noise, stats,
-                extra_loss if guided else None)
+                extra_loss if guided else None, form)
             cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
             x = x_next if keep is None else keep(x_next, sigma_next)
     return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)

@@ -16,11 +16,12 @@ from comfy_api.latest import io
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
 from ..guidance.asyrp_train import ADAM, OPTIMIZERS, asyrp_loss, make_trainable, train_direction
 from ..guidance.autograd import autograd_parameters
-from ..guidance.ddim import finish, model_sigma_floor
+from ..attention_patches.joint import with_joint_patches
+from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+from ._host import (Z2IKSampler, Z2IInputError, is_sd3, check_inversion, check_latent, check_sampler_inputs, check_save_name,
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of)
 from .clip_models import ClipLossModelType, image_decoder, ready
@@ -37,7 +38,11 @@ PER_IMAGE, MEAN = "one direction per image", "mean over the images"
 DEFAULT_OPTIMIZER = ADAM            # trains at least as well as SGD + StepLR on the tiny test model
 
 
-def middle_block_of(model, node: str, input_name: str = "model"):
+def middle_block_of(model, node: str, input_name: str = "model", flow_ok: bool = False):
+    """The diffusion model, checked to have an h-space: a UNet's middle block, or with flow_ok an SD3 MMDiT (its
+    image stream after the middle joint block, attention_patches.joint.middle_block)."""
+    if flow_ok and is_sd3(model):
+        return model.get_model_object("diffusion_model")
     unet = unet_of(model, node, input_name)
     mid = getattr(unet, "middle_block", None)
     if mid is None or len(list(mid.children())) == 0:
@@ -46,12 +51,17 @@ def middle_block_of(model, node: str, input_name: str = "model"):
     return unet
 
 
-def with_hspace(model_options: dict, call: HCall | None = None) -> dict:
-    """A copy of the run's model options with the h-space hook (and, if given, this call's HCall)."""
+def with_hspace(model_options: dict, call: HCall | None = None, joint_blocks: int = 0) -> dict:
+    """A copy of the run's model options with the h-space hook (and, if given, this call's HCall). joint_blocks > 0:
+    an MMDiT of that depth, hooked by Z2I's joint-block replace (attention_patches.joint)."""
     mo = dict(model_options)
+    if joint_blocks:
+        mo = with_joint_patches(mo, joint_blocks)
     to = dict(mo.get("transformer_options", {}))
     patches = dict(to.get("patches", {}))
-    if hasattr(comfy.model_patcher.ModelPatcher, "set_model_middle_block_after_patch"):   # newer hosts
+    if joint_blocks:        # the joint-block replace applies the HCall at the middle joint block
+        pass
+    elif hasattr(comfy.model_patcher.ModelPatcher, "set_model_middle_block_after_patch"):   # newer hosts
         patches["middle_block_after_patch"] = [*patches.get("middle_block_after_patch", []),
                                                hspace_middle_block_after_patch]
     else:      # 0.3.75: first in the list, so the delta lands before other output-block patches (FreeU) as there
@@ -66,13 +76,15 @@ def with_hspace(model_options: dict, call: HCall | None = None) -> dict:
 @own_rng
 def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, direction=None, scale=1.0,
               edit_until=0.5, boost_from=1.0, unit="percent", stats=None, inversion=None):
-    check_sampler_inputs(ASYRP, model, x, inversion)
+    check_sampler_inputs(ASYRP, model, x, inversion, flow_ok=True)
     fam, mine = direction.meta.get("family"), model_signature(model.inner_model.model_patcher).family
     if fam and fam != mine:
         raise Z2IInputError(ASYRP, "direction", f"it was made with a {fam} model and this is a {mine} model",
                             "derive or train the direction with this model")
     extra_args, keep = inpainting(extra_args or {}, inversion, ASYRP)
-    middle_block_of(model.inner_model.model_patcher, ASYRP, "model (of the sampler node)")
+    net = middle_block_of(model.inner_model.model_patcher, ASYRP, "model (of the sampler node)", flow_ok=True)
+    depth = len(getattr(net, "joint_blocks", []))
+    hw = tuple(x.shape[-2:])
     base = model.inner_model.inner_model
     ms = base.model_sampling
     n = len(sigmas) - 1
@@ -85,21 +97,22 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     boost = interval_index(sigmas, boost_from, unit, to_sigma)
     total = scale * step_scale(direction.meta.get("steps"), n)
     s_in = x.new_ones([x.shape[0]])
-    call = HCall(direction=direction, scale=total, timestep=ms.timestep)
+    call = HCall(direction=direction, scale=total, timestep=ms.timestep, latent_hw=hw)
     mo = extra_args.get("model_options", {})
-    edit_args = {**extra_args, "model_options": with_hspace(mo, call)}
+    edit_args = {**extra_args, "model_options": with_hspace(mo, call, depth)}
     rows = rows_of(model)
     if rows is model or x.shape[0] == 1:
         model_edit = lambda xx, s: model(xx, s * s_in, **edit_args)  # noqa: E731
     else:       # each image alone, with its own row of a per-image direction (guidance.ddim.per_row)
         row_args = [{**extra_args, "model_options": with_hspace(mo, HCall(
-            direction=direction.row(i), scale=total, timestep=ms.timestep, seen=call.seen))}
+            direction=direction.row(i), scale=total, timestep=ms.timestep, seen=call.seen, latent_hw=hw), depth)}
             for i in range(x.shape[0])]
         model_edit = lambda xx, s: torch.cat([model(xx[i:i + 1], s * s_in[i:i + 1], **row_args[i])  # noqa: E731
                                               for i in range(xx.shape[0])])
     model_orig = lambda xx, s: rows(xx, s * s_in, **extra_args)  # noqa: E731
     out = sample_asyrp(model_edit, model_orig, x, sigmas, edit_steps if total != 0 else 0, boost,
-                       seed=extra_args.get("seed"), callback=interruptible(callback), keep=keep)
+                       seed=extra_args.get("seed"), callback=interruptible(callback), keep=keep,
+                       form=noise_form_of_model(model))
     if stats is not None:
         stats.update(edit_steps=edit_steps, boost_from=boost, scale=total, deltas=call.seen)
     return finish(out, sigmas, model_sigma_floor(model))   # diffusers' clean latent when the schedule ends at sigma(0)
@@ -156,8 +169,9 @@ def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, i
     base = guider.inner_model
     traj = inversion.trajectory
     captured: dict = {}
-    call = HCall(captured=captured)
-    mo = with_hspace(analysis_options((extra_args or {}).get("model_options", {}), DERIVE), call)
+    call = HCall(captured=captured, latent_hw=tuple(x.shape[-2:]))
+    depth = len(getattr(base.diffusion_model, "joint_blocks", []))
+    mo = with_hspace(analysis_options((extra_args or {}).get("model_options", {}), DERIVE), call, depth)
     cb = interruptible(callback)
     diffs = []
 
@@ -214,7 +228,7 @@ class HDirectionFromPrompts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, target, source=None, images=PER_IMAGE) -> io.NodeOutput:
-        middle_block_of(model, DERIVE)
+        middle_block_of(model, DERIVE, flow_ok=True)
         check_inversion(DERIVE, inversion, model)
         if images not in (PER_IMAGE, MEAN):
             raise Z2IInputError(DERIVE, "images", f"unknown choice {images!r}", f"pick '{PER_IMAGE}' or '{MEAN}'")

@@ -287,8 +287,8 @@ def run_sampler_with_stats(host, prompt: dict, positive: str, negative: str, cfg
     res = host.run_prompt(prompt, targets=["sampler", "inv", positive, negative, "ckpt"])
     node = res.output("sampler", 0)
     stats: dict = {}
-    sampler = comfy.samplers.KSAMPLER(node.sampler_function,
-                                      extra_options={**node.extra_options, "stats": stats, **options})
+    # the node's own class (Z2IKSampler: a flow latent at sigma 1 is carried as the state, not scaled to zero)
+    sampler = type(node)(node.sampler_function, extra_options={**node.extra_options, "stats": stats, **options})
     noise = res.output("inv", 0)["samples"]
     with torch.inference_mode():
         out = comfy.sample.sample_custom(res.output("ckpt", 0), torch.zeros_like(noise), cfg, sampler,

@@ -1,5 +1,5 @@
 """SD3 (MMDiT, rectified flow) in the real host: the tiny checkpoint, DDIM inversion and the DDIM sampler on
-flow sigmas, and clear refusals from the nodes that need a UNet (issue 17, first part)."""
+flow sigmas, and the clear refusals that remain (issue 17; the methods on SD3: tests/test_sd3_methods.py)."""
 import math
 
 import pytest
@@ -97,15 +97,16 @@ def test_ddim_sampler_at_eta_0_is_cores_euler_on_flow(host, latent_name):
     assert rel < 1e-5, rel
 
 
-def test_nodes_that_need_a_unet_refuse_sd3_clearly(host, latent_name):
-    p = graph(latent_name)
-    p["mask"] = {"class_type": "Z2I_CSGMask", "inputs": {
-        "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1], "caption": "a photo of a cat on a sofa",
-        "word": "cat", "token_level": 2, "mask_level": 1}}
-    with pytest.raises(Exception) as err:
-        host.run_prompt(p, targets=["mask"])
+def test_the_node_that_needs_a_unet_refuses_sd3_clearly(host, latent_name):
+    """h-direction training is the one node not ported to SD3: it says so, naming what to use instead."""
+    res = host.run_prompt(graph(latent_name), targets=["ckpt"])
+    node = host.node_classes["Z2I_HDirectionTrain"]
+    with pytest.raises(ValueError) as err:
+        node.execute(model=res.output("ckpt", 0), vae=None, clip_loss_model=None, latent=None, positive=None,
+                     source_text="a", target_text="b", kind="global", steps=4, edit_until=0.5, iterations=1, lr=0.1,
+                     lambda_clip=1.0, lambda_recon=1.0, hidden=8, seed=0)
     text = str(err.value)
-    assert "CSG Mask" in text and "SD3" in text and "DDIM Inversion and the DDIM Sampler" in text
+    assert "h-space Direction Train" in text and "SD3" in text and "Direction From Prompts" in text
 
 
 def test_diffusers_variant_is_refused_on_sd3(host, latent_name):

@@ -152,3 +152,47 @@ def test_csg_on_sd3_cached_maps_equal_lockstep_and_guidance_off_is_plain(host, l
     for out in (pull, mix, both):
         assert torch.isfinite(out).all() and rel(out, plain) > 1e-4, rel(out, plain)
     assert rel(both, lockstep) < 1e-5, rel(both, lockstep)
+
+
+def agg(weight):
+    return {"class_type": "Z2I_AGGSampler", "inputs": {
+        "inversion": ["inv", 1], "lambda_reg": weight, "guided_until": 1.0, "masked_until": 1.0, "dds_steps": 10,
+        "dds_lr": 0.01, "eta": 0.0}}
+
+
+def test_agg_on_sd3_pulls_x0_toward_the_inversions_and_is_plain_ddim_when_off(host, latent_name):   # noqa: F811
+    """AGG in flow form (D = x - sigma v is x0_hat; the MCG step on x0 is sigma^2 / (1 - sigma) grad_x): off it is
+    plain DDIM exactly; on, every guided step's MCG update lowers the L1 loss to the inversion's x0 estimate, and
+    the edit ends closer to the source latent than the unguided edit."""
+    from z2i.tests.helpers import run_sampler_with_stats
+    res = host.run_prompt(edit_graph(latent_name, agg(0.0)), targets=["s", "plain", "lat"])
+    plain = res.output("plain", 0)["samples"]
+    assert torch.equal(res.output("s", 0)["samples"], plain)
+    out, stats = run_sampler_with_stats(host, edit_graph(latent_name, agg(1.0)), "edit", "pos", 3.0)
+    assert torch.isfinite(out).all() and len(stats["mcg_loss"]) == 3       # the top level (sigma 1) is unguided
+    assert all(a < b for a, b in zip(stats["mcg_loss_after"], stats["mcg_loss"])), stats
+    source = res.output("lat", 0)["samples"]
+    assert rel(out, source) < rel(plain, source), (rel(out, source), rel(plain, source))
+
+
+def asyrp_graph(latent_name, scale):   # noqa: F811
+    p = edit_graph(latent_name, {"class_type": "Z2I_AsyrpSampler", "inputs": {
+        "direction": ["dir", 0], "scale": scale, "unit": "percent", "edit_until": 0.5, "boost_from": 1.0}}, cfg=1.0)
+    p["dir"] = {"class_type": "Z2I_HDirectionFromPrompts", "inputs": {"model": ["ckpt", 0], "inversion": ["inv", 1],
+                                                                     "target": ["edit", 0]}}
+    p["s"]["inputs"]["positive"] = p["plain"]["inputs"]["positive"] = ["pos", 0]
+    return p
+
+
+def test_asyrp_on_sd3_edits_the_image_stream_after_the_middle_joint_block(host, latent_name):   # noqa: F811
+    """Asyrp on SD3: the h-space is the image stream after the middle joint block, laid out on the patch grid
+    [C, H/2, W/2]; a direction derived from prompts has that shape; scale 0 is plain DDIM exactly; on, the edit
+    differs and stays finite."""
+    from z2i.tests.helpers import run_sampler_with_stats
+    res = host.run_prompt(asyrp_graph(latent_name, 0.0), targets=["s", "plain", "dir"])
+    assert torch.equal(res.output("s", 0)["samples"], res.output("plain", 0)["samples"])
+    d = res.output("dir", 0)
+    assert tuple(d.delta.shape) == (1, 128, 4, 4) and d.meta["family"] == "SD3" and float(d.delta.abs().max()) > 0
+    out, stats = run_sampler_with_stats(host, asyrp_graph(latent_name, 5.0), "pos", "pos", 1.0)
+    assert torch.isfinite(out).all() and stats["edit_steps"] == 2 and len(stats["deltas"]) == 2
+    assert rel(out, res.output("plain", 0)["samples"]) > 1e-3
