@@ -14,11 +14,12 @@ from z2i.tests.test_reliability_files import no_network  # noqa: F401  (fixture:
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 EXAMPLE_IMAGE = REPO / "assets" / "z2i_example.png"  # the image the pack ships and copies into input/
-TINY = {"sdxl": "z2i-tiny-sdxl.safetensors"}
+TINY = {"sdxl": "z2i-tiny-sdxl.safetensors", "sd3": "z2i-tiny-sd3.safetensors"}
 
 
 def tiny_checkpoint_for(path: Path) -> str:
-    return TINY["sdxl"] if "sdxl" in path.stem else "z2i-tiny-sd15.safetensors"
+    """The tiny checkpoint of a workflow's family, from its file name (z2i_sdxl_*, z2i_sd3_*; SD1.5 otherwise)."""
+    return next((ckpt for family, ckpt in TINY.items() if f"_{family}_" in f"{path.stem}_"), "z2i-tiny-sd15.safetensors")
 
 
 # The shipped files carry the papers' step and sentence counts; on 2 CPU cores the tests run them shorter.

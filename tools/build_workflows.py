@@ -35,10 +35,11 @@ P2P_PROMPTS = ("the Source prompt (caption) describes your image and contains th
 
 
 
-def inversion(positive: str, steps: int = 50, regularize: bool = False) -> dict:
-    """The DDIM Inversion inputs every editing workflow shares (caption, VAE-encoded image, cfg 1)."""
+def inversion(positive: str, steps: int = 50, regularize: bool = False, scheduler: str = "ddim_uniform") -> dict:
+    """The DDIM Inversion inputs every editing workflow shares (caption, VAE-encoded image, cfg 1). SD3 workflows
+    use "simple" (its shifted flow schedule, as SD3's own workflows)."""
     return {"model": ("ckpt", 0), "positive": (positive, 0), "latent": ("encode", 0), "steps": steps,
-            "scheduler": "ddim_uniform", "variant": "current level", "cfg": 1.0, "denoise": 1.0,
+            "scheduler": scheduler, "variant": "current level", "cfg": 1.0, "denoise": 1.0,
             "refine_iterations": 0, "regularize": regularize, "reg_lambda": 20.0, "reg_iterations": 5, "reg_seed": 0}
 
 
@@ -51,7 +52,8 @@ SAVED_DIRECTION = "cat_to_dog_00001.safetensors"
 
 
 def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: str, direction: tuple = CAT_TO_DOG,
-                       caption: tuple = CAPTION, extra: tuple = (), apply_clip: bool = False) -> list:
+                       caption: tuple = CAPTION, extra: tuple = (), apply_clip: bool = False,
+                       scheduler: str = "ddim_uniform") -> list:
     """The pix2pix-zero family graph: caption inversion (regularised), cat -> dog edit direction on the caption,
     SamplerCustom with the caption as negative (cfg 5), `sampler` the only difference between the methods.
     `direction` and `caption` (key "direction" / "pos") may come from other nodes; `extra` nodes go after the
@@ -63,7 +65,7 @@ def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: st
         *extra,
         caption,
         ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-        ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True)),
+        ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=True, scheduler=scheduler)),
         direction,
         ("edited", "Z2I_ApplyEditDirection", {"conditioning": ("pos", 0), "direction": ("direction", 0),
                                               "strength": 1.0, **({"clip": ("ckpt", 1)} if apply_clip else {})}),
@@ -270,6 +272,65 @@ WORKFLOWS: dict[str, dict] = {
         "nodes": pix2pix_zero_nodes(
             "sd_xl_base_1.0.safetensors", "Z2I_Pix2PixZeroSampler",
             {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_sdxl_pix2pix_zero"),
+    },
+    "z2i_sd3_pix2pix_zero": {
+        "note": (
+            "pix2pix-zero on SD3 (MMDiT, rectified flow). The same graph as the SD1.5 one with an SD3 checkpoint and "
+            "SD3's 'simple' schedule: the inversion runs the flow ODE's Euler step backwards, the edit direction "
+            "covers CLIP-L, CLIP-G and the pooled vector (and T5 when the checkpoint has one), and the guidance "
+            "matches the image-to-text block of every joint block's attention (image queries over the prompt's "
+            "tokens, the part of MMDiT's one softmax that stands in for cross-attention).\n\n"
+            "What to change: the image (1024 px for SD3 medium), its caption, the words, xa_guidance, steps; cfg "
+            "about 5. The joint attention's maps cover every image token against every token, so on small GPUs "
+            "restrict 'layers' (e.g. 'output', the later half of the joint blocks) or use map_precision fp16."
+            + swap_in(P2P_PROMPTS, checkpoint="your SD3 checkpoint with its CLIP encoders included "
+                      "(sd3_medium_incl_clips.safetensors is named here)")),
+        "nodes": pix2pix_zero_nodes(
+            "sd3_medium_incl_clips.safetensors", "Z2I_Pix2PixZeroSampler",
+            {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, "z2i_sd3_pix2pix_zero",
+            scheduler="simple"),
+    },
+    "z2i_sd3_csg": {
+        "note": (
+            "CSG on SD3 (MMDiT, rectified flow): cat -> dog with the background kept, as the SD1.5 CSG workflow.\n\n"
+            "On SD3 the content mask reads the word from the image-to-text block of every joint block's attention "
+            "and smooths it with the last joint block's image-to-image attention; Cross-Attention Mixup mixes that "
+            "text block (rescaled to each image token's attention on the prompt, so the image part of the "
+            "attention is untouched); the CSG sampler's pull works in flow units. clamp_pull is on: on SD3's "
+            "shifted schedule the paper's per-step pull near pure noise is about four times SD1.5's and "
+            "over-corrects without the cap.\n\n"
+            "What to change: the image; the caption and the same caption with the word swapped; the word; "
+            "lambda_pre; steps. Keep the caption as the negative prompt, cfg about 5."
+            + swap_in("the Source prompt (caption) describes your image and contains the word; the Target prompt "
+                      "is the same caption with the word swapped; CSG Content Mask (caption, word) and "
+                      "Cross-Attention Mixup (source / target prompt) repeat the same texts.",
+                      checkpoint="your SD3 checkpoint with its CLIP encoders included "
+                      "(sd3_medium_incl_clips.safetensors is named here)")),
+        "nodes": [
+            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": "sd3_medium_incl_clips.safetensors"}),
+            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+             "Source prompt (caption)"),
+            ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
+             "Target prompt (word swapped)"),
+            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False, scheduler="simple")),
+            ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
+                                     "caption": "a photo of a cat sitting on a sofa", "word": "cat",
+                                     "token_level": 2, "mask_level": 0}),
+            ("mixup", "Z2I_CrossAttentionMixup", {"model": ("ckpt", 0), "background": ("mask", 0), "strength": 1.0,
+                                                  "clip": ("ckpt", 1),
+                                                  "source_prompt": "a photo of a cat sitting on a sofa",
+                                                  "target_prompt": "a photo of a dog sitting on a sofa"}),
+            ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
+                                           "delta": 1.5, "clamp_pull": True, "source_maps": ("mask", 3)}),
+            ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                         "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_sd3_csg"}),
+            ("preview_mask", "PreviewImage", {"images": ("mask", 1)}, "Object map (what CSG edits)"),
+        ],
     },
     "z2i_agg": {
         "note": (
