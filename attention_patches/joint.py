@@ -126,37 +126,34 @@ def joint_attention(func, q, k, v, *args, inner=None, **kwargs):
         selfs = []
     if not cross and not selfs:
         return plain()
-    probs = image_row_probs(q, k, heads, n_txt)                      # [b, h, n_img, N] fp32
-    for c_call, controllers, part in ((self_call, selfs, "self"), (call, cross, "cross")):
-        if not controllers:
-            continue
-        block = probs[..., n_txt:] if part == "self" else probs[..., :n_txt]
-        if part == "self":
-            block = block / block.sum(-1, keepdim=True).clamp_min(1e-30)
-        chunks = list(block.chunk(len(cou))) if len(cou) > 1 else [block]
-        changed = False
-        for i, (ci, chunk) in enumerate(zip(cou, chunks)):
-            for c in controllers:
-                new = c.process(chunk, site, ci, c_call)
-                if new is not chunk:
-                    chunk, changed = new, True
-            chunks[i] = chunk
-        if changed and part == "cross":
-            new = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-            old = probs[..., :n_txt]
-            mass = old.sum(-1, keepdim=True)
-            new = new.to(old) * (mass / new.to(old).sum(-1, keepdim=True).clamp_min(1e-30))
-            out = plain()
-            img = torch.cat([new, probs[..., n_txt:]], -1) @ split_heads(v3, heads).float()
-            b, h, n, d = img.shape
-            img = img.transpose(1, 2).reshape(b, n, h * d).to(out.dtype)
-            if inner is not None and (id(call), site) not in _WARNED:
-                _WARNED.add((id(call), site))
-                logging.warning("Z2I: the joint attention's image-to-text maps at %s are rewritten (CSG mixup), so "
-                                "another pack's attention override is not applied to its image rows in this call",
-                                site)
-            return torch.cat([out[:, :n_txt], img], 1)
-    return plain()
+    if selfs:            # a reader of the whole image-to-image block (no Z2I controller is one; kept general)
+        block = image_row_probs(q, k, heads, n_txt)[..., n_txt:]
+        block = block / block.sum(-1, keepdim=True).clamp_min(1e-30)
+        for ci, chunk in zip(cou, block.chunk(len(cou))):
+            for c in selfs:
+                c.process(chunk, site, ci, self_call)
+    if not cross:
+        return plain()
+    text = image_text_probs(q, k, heads, n_txt)                     # [b, h, n_img, n_txt] fp32
+    chunks = list(text.chunk(len(cou))) if len(cou) > 1 else [text]
+    changed = False
+    for i, (ci, chunk) in enumerate(zip(cou, chunks)):
+        for c in cross:
+            new = c.process(chunk, site, ci, call)
+            if new is not chunk:
+                chunk, changed = new, True
+        chunks[i] = chunk
+    if not changed:
+        return plain()
+    new = (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).to(text)
+    new = new * (text.sum(-1, keepdim=True) / new.sum(-1, keepdim=True).clamp_min(1e-30))
+    out = plain()
+    img = image_rows_output(q, k, v3, heads, n_txt, new).to(out.dtype)
+    if inner is not None and (id(call), site) not in _WARNED:
+        _WARNED.add((id(call), site))
+        logging.warning("Z2I: the joint attention's image-to-text maps at %s are rewritten (CSG mixup), so another "
+                        "pack's attention override is not applied to its image rows in this call", site)
+    return torch.cat([out[:, :n_txt], img], 1)
 
 
 _WARNED: set = set()
@@ -175,6 +172,31 @@ def image_row_probs(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) ->
     """softmax(q k^T / sqrt(d)) in float32 for the image queries over every key: [b, h, n_img, n_txt + n_img]."""
     qh, kh = split_heads(q[:, n_txt:], heads).float(), split_heads(k, heads).float()
     return torch.softmax(qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5, dim=-1)
+
+
+def image_text_probs(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) -> torch.Tensor:
+    """The image-to-text block of the joint softmax, [b, h, n_img, n_txt] float32, computed one head at a time: the
+    full [n_img, n_txt + n_img] rows of one head are held at once, not of every head (as image_row_probs would)."""
+    qh, kh = split_heads(q[:, n_txt:], heads), split_heads(k, heads)
+    scale = qh.shape[-1] ** -0.5
+    return torch.stack([torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)
+                        [..., :n_txt] for h in range(heads)], 1)
+
+
+def image_rows_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, n_txt: int,
+                      text: torch.Tensor) -> torch.Tensor:
+    """The image queries' attention output [b, n_img, h*d] (float32) with their image-to-text block replaced by
+    `text` [b, h, n_img, n_txt] and their image-to-image block as the softmax gives it, one head at a time."""
+    qh, kh, vh = split_heads(q[:, n_txt:], heads), split_heads(k, heads), split_heads(v, heads)
+    scale = qh.shape[-1] ** -0.5
+    outs = []
+    for h in range(heads):
+        p = torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)
+        vf = vh[:, h].float()
+        outs.append(text[:, h].float() @ vf[:, :n_txt] + p[..., n_txt:] @ vf[:, n_txt:])
+    out = torch.stack(outs, 1)                                      # [b, h, n_img, d]
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
 
 
 def image_block_mean(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) -> torch.Tensor:
