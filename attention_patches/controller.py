@@ -273,6 +273,29 @@ def over(existing):
     return functools.partial(attn2_over, existing)
 
 
+def hand_maps(maps: torch.Tensor, cou: list, controllers, site: Site, call: AttentionCall):
+    """Each cond chunk of `maps` (ComfyUI's cond_or_uncond order) through every controller in turn ->
+    (maps, changed): the chunks the controllers returned, concatenated, when any returned a new tensor."""
+    chunks = list(maps.chunk(len(cou))) if len(cou) > 1 else [maps]
+    changed = False
+    for i, (cond_index, chunk) in enumerate(zip(cou, chunks)):
+        for c in controllers:
+            new = c.process(chunk, site, cond_index, call)
+            if new is not chunk:
+                chunk, changed = new, True
+        chunks[i] = chunk
+    if not changed:
+        return maps, False
+    return (torch.cat(chunks) if len(chunks) > 1 else chunks[0]), True
+
+
+def hand_means(mean: torch.Tensor, cou: list, controllers, site: Site, call: AttentionCall) -> None:
+    """Each cond chunk of head-averaged maps to every head_mean_only controller (process_mean)."""
+    for cond_index, chunk in zip(cou, mean.chunk(len(cou))):
+        for c in controllers:
+            c.process_mean(chunk, site, cond_index, call)
+
+
 def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=None) -> torch.Tensor:
     heads = extra_options["n_heads"]
     call: Optional[AttentionCall] = extra_options.get(call_key)
@@ -294,21 +317,10 @@ def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=Non
         return plain()
     cou = list(extra_options.get("cond_or_uncond") or [0])
     if all(c.head_mean_only for c in controllers):
-        for cond_index, mean in zip(cou, head_mean(q, k, heads).chunk(len(cou))):
-            for c in controllers:
-                c.process_mean(mean, site, cond_index, call)
+        hand_means(head_mean(q, k, heads), cou, controllers, site, call)
         return plain()
-    probs = attention_probs(q, k, heads)
-    chunks = list(probs.chunk(len(cou))) if len(cou) > 1 else [probs]
-    changed = False
-    for ci, (cond_index, chunk) in enumerate(zip(cou, chunks)):
-        for c in controllers:
-            new = c.process(chunk, site, cond_index, call)
-            if new is not chunk:
-                chunk, changed = new, True
-        chunks[ci] = chunk
+    probs, changed = hand_maps(attention_probs(q, k, heads), cou, controllers, site, call)
     if changed:
-        probs = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
         if inner is not None and (id(call), site) not in _WARNED:
             _WARNED.add((id(call), site))
             logging.warning("Z2I: the cross-attention maps at %s are rewritten (CSG mixup), so another pack's "

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from .controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, call_hw
+from .controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, call_hw, hand_maps, hand_means
 from .features import FEATURE_KEY, FeatureCall, store_features
 from .probs import split_heads
 from .sites import Site
@@ -119,33 +119,18 @@ def joint_attention(func, q, k, v, *args, inner=None, **kwargs):
     cou = list(to.get("cond_or_uncond") or [0])
     v3 = v.reshape(v.shape[0], v.shape[1], -1)
     if selfs and all(c.head_mean_only for c in selfs):
-        mean = image_block_mean(q, k, heads, n_txt)
-        for ci, chunk in zip(cou, mean.chunk(len(cou))):
-            for c in selfs:
-                c.process_mean(chunk, site, ci, self_call)
+        hand_means(image_block_mean(q, k, heads, n_txt), cou, selfs, site, self_call)
         selfs = []
-    if not cross and not selfs:
-        return plain()
     if selfs:            # a reader of the whole image-to-image block (no Z2I controller is one; kept general)
         block = image_row_probs(q, k, heads, n_txt)[..., n_txt:]
-        block = block / block.sum(-1, keepdim=True).clamp_min(1e-30)
-        for ci, chunk in zip(cou, block.chunk(len(cou))):
-            for c in selfs:
-                c.process(chunk, site, ci, self_call)
+        hand_maps(block / block.sum(-1, keepdim=True).clamp_min(1e-30), cou, selfs, site, self_call)
     if not cross:
         return plain()
     text = image_text_probs(q, k, heads, n_txt)                     # [b, h, n_img, n_txt] fp32
-    chunks = list(text.chunk(len(cou))) if len(cou) > 1 else [text]
-    changed = False
-    for i, (ci, chunk) in enumerate(zip(cou, chunks)):
-        for c in cross:
-            new = c.process(chunk, site, ci, call)
-            if new is not chunk:
-                chunk, changed = new, True
-        chunks[i] = chunk
+    new, changed = hand_maps(text, cou, cross, site, call)
     if not changed:
         return plain()
-    new = (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).to(text)
+    new = new.to(text)
     new = new * (text.sum(-1, keepdim=True) / new.sum(-1, keepdim=True).clamp_min(1e-30))
     out = plain()
     img = image_rows_output(q, k, v3, heads, n_txt, new).to(out.dtype)

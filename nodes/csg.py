@@ -377,7 +377,7 @@ class CrossAttentionMixup(io.ComfyNode):
             src, tgt = _ids(clip, source_prompt), _ids(clip, target_prompt)
             token_map = align_tokens(src, tgt)
         m = model.clone()
-        if hasattr(unet, "joint_blocks"):           # SD3: the joint blocks' image-to-text maps (attention_patches.joint)
+        if hasattr(unet, "joint_blocks"):           # SD3: the joint blocks' image-to-text maps (joint.py)
             m.model_options = with_joint_patches(m.model_options, len(unet.joint_blocks))
         for s in cross_attention_sites(unet) if not hasattr(unet, "joint_blocks") else []:
             # over another pack's attn2 replace, if any (controller.over)

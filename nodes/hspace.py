@@ -13,17 +13,17 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
+from ..attention_patches.joint import with_joint_patches
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
 from ..guidance.asyrp_train import ADAM, OPTIMIZERS, asyrp_loss, make_trainable, train_direction
 from ..guidance.autograd import autograd_parameters
-from ..attention_patches.joint import with_joint_patches
 from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IKSampler, Z2IInputError, is_sd3, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
-                    save_name_error, save_unique, schedule_sigmas, unet_of)
+                    save_name_error, save_unique, schedule_sigmas, unet_of, is_sd3)
 from .clip_models import ClipLossModelType, image_decoder, ready
 from ._compose import analysis_options, gradients_through, inpainting, own_rng, per_image_conds, rows_of
 from .sampling import INVERSION_TIP

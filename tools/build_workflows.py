@@ -78,6 +78,36 @@ def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: st
     ]
 
 
+def csg_nodes(ckpt: str, scheduler: str, clamp_pull: bool, prefix: str) -> list:
+    """The CSG graph: caption inversion, content mask of 'cat', cross-attention mixup, CSG sampler with the
+    word-swapped caption and the mask's source maps, the object map previewed."""
+    return [
+        ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": ckpt}),
+        ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
+        ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
+         "Source prompt (caption)"),
+        ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
+         "Target prompt (word swapped)"),
+        ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
+        ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False, scheduler=scheduler)),
+        ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
+                                 "caption": "a photo of a cat sitting on a sofa", "word": "cat",
+                                 "token_level": 2, "mask_level": 0}),
+        ("mixup", "Z2I_CrossAttentionMixup", {"model": ("ckpt", 0), "background": ("mask", 0), "strength": 1.0,
+                                              "clip": ("ckpt", 1),
+                                              "source_prompt": "a photo of a cat sitting on a sofa",
+                                              "target_prompt": "a photo of a dog sitting on a sofa"}),
+        ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
+                                       "delta": 1.5, "clamp_pull": clamp_pull, "source_maps": ("mask", 3)}),
+        ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
+                                     "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
+                                     "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
+        ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
+        ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": prefix}),
+        ("preview_mask", "PreviewImage", {"images": ("mask", 1)}, "Object map (what CSG edits)"),
+    ]
+
+
 # Each node: (key, class_type, {input: value | (key, output_slot)}, optional title)
 WORKFLOWS: dict[str, dict] = {
     "z2i_ddim_img2img": {
@@ -162,31 +192,7 @@ WORKFLOWS: dict[str, dict] = {
             + swap_in("the Source prompt (caption) describes your image and contains the word; the Target prompt "
                       "is the same caption with the word swapped; CSG Content Mask (caption, word) and "
                       "Cross-Attention Mixup (source / target prompt) repeat the same texts.")),
-        "nodes": [
-            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": STANDARD_CKPT}),
-            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-             "Source prompt (caption)"),
-            ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
-             "Target prompt (word swapped)"),
-            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False)),
-            ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
-                                     "caption": "a photo of a cat sitting on a sofa", "word": "cat",
-                                     "token_level": 2, "mask_level": 0}),
-            ("mixup", "Z2I_CrossAttentionMixup", {"model": ("ckpt", 0), "background": ("mask", 0), "strength": 1.0,
-                                                  "clip": ("ckpt", 1),
-                                                  "source_prompt": "a photo of a cat sitting on a sofa",
-                                                  "target_prompt": "a photo of a dog sitting on a sofa"}),
-            ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
-                                           "delta": 1.5, "clamp_pull": False, "source_maps": ("mask", 3)}),
-            ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
-                                         "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
-                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
-            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
-            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_csg"}),
-            ("preview_mask", "PreviewImage", {"images": ("mask", 1)}, "Object map (what CSG edits)"),
-        ],
+        "nodes": csg_nodes(STANDARD_CKPT, "ddim_uniform", clamp_pull=False, prefix="z2i_csg"),
     },
     "z2i_asyrp_derived": {
         "note": (
@@ -306,31 +312,7 @@ WORKFLOWS: dict[str, dict] = {
                       "Cross-Attention Mixup (source / target prompt) repeat the same texts.",
                       checkpoint="your SD3 checkpoint with its CLIP encoders included "
                       "(sd3_medium_incl_clips.safetensors is named here)")),
-        "nodes": [
-            ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": "sd3_medium_incl_clips.safetensors"}),
-            ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
-            ("pos", "CLIPTextEncode", {"text": "a photo of a cat sitting on a sofa", "clip": ("ckpt", 1)},
-             "Source prompt (caption)"),
-            ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
-             "Target prompt (word swapped)"),
-            ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-            ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False, scheduler="simple")),
-            ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
-                                     "caption": "a photo of a cat sitting on a sofa", "word": "cat",
-                                     "token_level": 2, "mask_level": 0}),
-            ("mixup", "Z2I_CrossAttentionMixup", {"model": ("ckpt", 0), "background": ("mask", 0), "strength": 1.0,
-                                                  "clip": ("ckpt", 1),
-                                                  "source_prompt": "a photo of a cat sitting on a sofa",
-                                                  "target_prompt": "a photo of a dog sitting on a sofa"}),
-            ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
-                                           "delta": 1.5, "clamp_pull": True, "source_maps": ("mask", 3)}),
-            ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
-                                         "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
-                                         "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
-            ("decode", "VAEDecode", {"samples": ("sample", 0), "vae": ("ckpt", 2)}),
-            ("save", "SaveImage", {"images": ("decode", 0), "filename_prefix": "z2i_sd3_csg"}),
-            ("preview_mask", "PreviewImage", {"images": ("mask", 1)}, "Object map (what CSG edits)"),
-        ],
+        "nodes": csg_nodes("sd3_medium_incl_clips.safetensors", "simple", clamp_pull=True, prefix="z2i_sd3_csg"),
     },
     "z2i_agg": {
         "note": (
