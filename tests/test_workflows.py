@@ -65,12 +65,13 @@ def tiny_models(host):
     ensure_tiny_models(host)
 
 
-def _prepare(prompt: dict, path: Path) -> dict:
+def _prepare(prompt: dict, path: Path, caps: dict = CAPS) -> dict:
+    """The tiny models swapped in and the counts capped (caps={}: the workflow's own counts)."""
     for n in prompt.values():
         if n["class_type"] == "CheckpointLoaderSimple":
             n["inputs"]["ckpt_name"] = tiny_checkpoint_for(path)
         n["inputs"].update(SWAPS.get(n["class_type"], {}))
-        for name, cap in CAPS.items():
+        for name, cap in caps.items():
             if isinstance(n["inputs"].get(name), int) and not isinstance(n["inputs"][name], bool):
                 n["inputs"][name] = min(n["inputs"][name], cap)
     return prompt
