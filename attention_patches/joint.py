@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-from .controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, call_hw, hand_maps, hand_means
+from ..guidance.autograd import recomputing
+from .controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, hand_maps, hand_means
 from .features import FEATURE_KEY, FeatureCall, store_features
 from .probs import split_heads
 from .sites import Site
@@ -68,10 +69,8 @@ def joint_block(args: dict, extra: dict, index: int, inner=None, n_blocks: int =
     if feats is not None:
         site = Site("joint", index, 0)
         hw = _image_hw(feats.latent_hw, img.shape[1])
-        if (feats.sites is None or site in feats.sites) and hw is not None:
-            from ..guidance.autograd import recomputing
-            if not recomputing():
-                store_features(feats, site, img, hw, to.get("cond_or_uncond"))
+        if (feats.sites is None or site in feats.sites) and hw is not None and not recomputing():
+            store_features(feats, site, img, hw, to.get("cond_or_uncond"))
     return out
 
 
@@ -159,24 +158,27 @@ def image_row_probs(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) ->
     return torch.softmax(qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5, dim=-1)
 
 
-def image_text_probs(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) -> torch.Tensor:
-    """The image-to-text block of the joint softmax, [b, h, n_img, n_txt] float32, computed one head at a time: the
-    full [n_img, n_txt + n_img] rows of one head are held at once, not of every head (as image_row_probs would)."""
+def _head_rows(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int):
+    """(head index, that head's softmax rows of the image queries over every key [b, n_img, n_txt + n_img] float32),
+    one head at a time: the readers below hold one head's full rows, never every head's."""
     qh, kh = split_heads(q[:, n_txt:], heads), split_heads(k, heads)
     scale = qh.shape[-1] ** -0.5
-    return torch.stack([torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)
-                        [..., :n_txt] for h in range(heads)], 1)
+    for h in range(heads):
+        yield h, torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)
+
+
+def image_text_probs(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) -> torch.Tensor:
+    """The image-to-text block of the joint softmax, [b, h, n_img, n_txt] float32."""
+    return torch.stack([p[..., :n_txt] for _, p in _head_rows(q, k, heads, n_txt)], 1)
 
 
 def image_rows_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, n_txt: int,
                       text: torch.Tensor) -> torch.Tensor:
     """The image queries' attention output [b, n_img, h*d] (float32) with their image-to-text block replaced by
-    `text` [b, h, n_img, n_txt] and their image-to-image block as the softmax gives it, one head at a time."""
-    qh, kh, vh = split_heads(q[:, n_txt:], heads), split_heads(k, heads), split_heads(v, heads)
-    scale = qh.shape[-1] ** -0.5
+    `text` [b, h, n_img, n_txt] and their image-to-image block as the softmax gives it."""
+    vh = split_heads(v, heads)
     outs = []
-    for h in range(heads):
-        p = torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)
+    for h, p in _head_rows(q, k, heads, n_txt):
         vf = vh[:, h].float()
         outs.append(text[:, h].float() @ vf[:, :n_txt] + p[..., n_txt:] @ vf[:, n_txt:])
     out = torch.stack(outs, 1)                                      # [b, h, n_img, d]
@@ -185,13 +187,11 @@ def image_rows_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
 
 
 def image_block_mean(q: torch.Tensor, k: torch.Tensor, heads: int, n_txt: int) -> torch.Tensor:
-    """The image->image block of the joint softmax, renormalised per row and averaged over heads, one head at a
-    time: [b, n_img, n_img] float32 (attention_patches.probs.head_mean for the joint layout)."""
-    qh, kh = split_heads(q[:, n_txt:], heads), split_heads(k, heads)
-    scale = qh.shape[-1] ** -0.5
+    """The image->image block of the joint softmax, renormalised per row and averaged over heads: [b, n_img, n_img]
+    float32 (attention_patches.probs.head_mean for the joint layout)."""
     total = None
-    for h in range(heads):
-        p = torch.softmax(qh[:, h].float() @ kh[:, h].float().transpose(-1, -2) * scale, dim=-1)[..., n_txt:]
+    for _, p in _head_rows(q, k, heads, n_txt):
+        p = p[..., n_txt:]
         p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
         total = p if total is None else total.add_(p)
     return total.div_(heads)
@@ -239,4 +239,4 @@ def foreign_joint_patches(model_options: dict, n_blocks: int) -> bool:
 
 
 __all__ = ["JOINT_KEY", "joint_block", "joint_attention", "with_joint_patches", "image_row_probs",
-           "image_block_mean", "middle_block", "foreign_joint_patches", "call_hw"]
+           "image_block_mean", "middle_block", "foreign_joint_patches"]

@@ -379,9 +379,9 @@ class CrossAttentionMixup(io.ComfyNode):
         m = model.clone()
         if hasattr(unet, "joint_blocks"):           # SD3: the joint blocks' image-to-text maps (joint.py)
             m.model_options = with_joint_patches(m.model_options, len(unet.joint_blocks))
-        for s in cross_attention_sites(unet) if not hasattr(unet, "joint_blocks") else []:
-            # over another pack's attn2 replace, if any (controller.over)
-            m.set_model_attn2_replace(over(attn2_at(m.model_options, s)), s.block, s.id, s.index)
+        else:
+            for s in cross_attention_sites(unet):   # over another pack's attn2 replace, if any (controller.over)
+                m.set_model_attn2_replace(over(attn2_at(m.model_options, s)), s.block, s.id, s.index)
         mask = background if background.ndim == 3 else background[None]
         m.model_options["transformer_options"][MIXUP_KEY] = MixupSpec(
             mask.float().clamp(0, 1).cpu(), token_map, float(strength), mask_normalisation != NORMALISE_NONE)
