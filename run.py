@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-dir", type=Path, help="run the graph once per image in this folder")
     ap.add_argument("--output-dir", type=Path, default=Path("output"), help="where images are written")
     ap.add_argument("--comfyui", help="ComfyUI folder (default: $Z2I_COMFYUI, else the one tools/setup.sh made)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                    help="where ComfyUI computes (default: $Z2I_DEVICE, else auto = CUDA when a GPU is seen)")
     ap.add_argument("-q", "--quiet", action="store_true", help="only errors from ComfyUI (hides its start-up import warnings)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s")
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.workflow} is not valid JSON: {e}", file=sys.stderr)
         return 2
     try:
-        host = Host.get(args.comfyui, output_dir=args.output_dir)
-    except HostMissing as e:
+        host = Host.get(args.comfyui, output_dir=args.output_dir, device=args.device)
+    except (HostMissing, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .autograd import LossScaler
 from .ddim import ddim_step
 from .schedules import VE, NoiseForm, append_dims
 
@@ -52,27 +53,33 @@ def total_loss(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float,
 
 
 def mcg_x0(x: torch.Tensor, sigma, denoise: Callable, target: Optional[torch.Tensor], weight: float,
-           extra_loss: Optional[Callable] = None, form: NoiseForm = VE):
+           extra_loss: Optional[Callable] = None, form: NoiseForm = VE, scaler: Optional[LossScaler] = None):
     """Steps 1 of AGG: (D, x0_bar, loss) where x0_bar = D - sigma^2 * grad_x l(D(x)) (eps_tilde in the x0 term).
 
     In general x0_bar = D - (b^2 / a) grad_x l for a state x = a x0 + b eps (schedules.NoiseForm): eps_tilde =
     eps + sqrt(1 - a_t) grad_{x^VP} l moves the VP x0 estimate by -(1 - a_t)/sqrt(a_t) grad_{x^VP} l, and x^VP =
     x / n with n = sqrt(a^2 + b^2). VE (a = 1, b = sigma): sigma^2; FLOW (SD3; D = x - sigma v, so x0 = x - sigma v
-    as the issue puts it): sigma^2 / (1 - sigma), no step at pure noise (a = 0; AGG leaves the top level unguided)."""
+    as the issue puts it): sigma^2 / (1 - sigma), no step at pure noise (a = 0; AGG leaves the top level unguided).
+    The loss is a detached tensor (read it only for statistics: reading it is a host synchronisation); `scaler`
+    (guidance.autograd.LossScaler) takes the gradient through a half-precision UNet."""
+    scaler = scaler or LossScaler(False)
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         d = denoise(xg)
         loss = total_loss(d.float(), target, weight, extra_loss)
-        grad, = torch.autograd.grad(loss, xg)
+        grad = scaler.grad(loss, xg)
     d = d.detach()
     s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     scale = s * s if form is VE else torch.where(form.a(s) > 0, s * s / form.a(s).clamp_min(1e-30), s * 0)
-    return d, d - append_dims(scale, x.ndim) * grad.to(x.dtype), float(loss.detach())
+    return d, d - append_dims(scale, x.ndim) * grad.to(x.dtype), loss.detach()
 
 
 def dds_refine(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float, lr: float = 0.01, steps: int = 10,
-               losses: Optional[list] = None, extra_loss: Optional[Callable] = None) -> torch.Tensor:
-    """Step 2: AdamW on Delta over x0 against the same loss, without the UNet. Returns x0 + Delta*."""
+               losses: Optional[list] = None, extra_loss: Optional[Callable] = None,
+               scaler: Optional[LossScaler] = None) -> torch.Tensor:
+    """Step 2: AdamW on Delta over x0 against the same loss, without the UNet (through the VAE decoder and CLIP
+    when `extra_loss` is the style term: `scaler` then takes its gradient). Returns x0 + Delta*."""
+    scaler = scaler or LossScaler(False)
     if steps <= 0 or ((target is None or weight == 0) and extra_loss is None):
         return x0
     with torch.inference_mode(False), torch.enable_grad():
@@ -85,7 +92,7 @@ def dds_refine(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float, 
             loss = total_loss(base + delta, tgt, weight, extra_loss)
             if losses is not None:
                 losses.append(float(loss.detach()))
-            loss.backward()
+            scaler.backward(loss, [delta])
             opt.step()
         out = (base + delta).detach().to(x0.dtype)
     return out
@@ -94,26 +101,29 @@ def dds_refine(x0: torch.Tensor, target: Optional[torch.Tensor], weight: float, 
 def agg_step(x: torch.Tensor, sigma, sigma_next, denoise: Callable, target: Optional[torch.Tensor], weight: float,
              dds_lr: float = 0.01, dds_steps: int = 10, object_mask: Optional[torch.Tensor] = None,
              eta: float = 0.0, noise: Optional[torch.Tensor] = None, stats: Optional[dict] = None,
-             extra_loss: Optional[Callable] = None, form: NoiseForm = VE):
+             extra_loss: Optional[Callable] = None, form: NoiseForm = VE, scaler: Optional[LossScaler] = None,
+             last: Optional[bool] = None):
     """One reverse step -> (x_next, x0 used), in the model's NoiseForm `form`. `object_mask` [B or 1, H, W] (1 = object): Eq. 19's middle phase.
-    `extra_loss(x0) -> scalar`: the optional style term of Eq. 15, added to the L1 regulariser."""
+    `extra_loss(x0) -> scalar`: the optional style term of Eq. 15, added to the L1 regulariser. `scaler`: the run's
+    guidance.autograd.LossScaler (half-precision networks). `last`: whether sigma_next is 0 (a loop that read its
+    schedule once passes it, so no device value is read here; None reads sigma_next)."""
     if (target is None or weight == 0) and extra_loss is None:
         d = denoise(x)
         x0 = d
     else:
-        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight, extra_loss, form)
+        d, x0_bar, loss = mcg_x0(x, sigma, denoise, target, weight, extra_loss, form, scaler)
         dds_losses = [] if stats is not None else None
-        x0 = dds_refine(x0_bar, target, weight, dds_lr, dds_steps, dds_losses, extra_loss)
+        x0 = dds_refine(x0_bar, target, weight, dds_lr, dds_steps, dds_losses, extra_loss, scaler)
         if object_mask is not None:
             m = object_mask[:, None].to(x0)
             x0 = (1 - m) * x0 + m * d
         if stats is not None:
-            stats.setdefault("mcg_loss", []).append(loss)
+            stats.setdefault("mcg_loss", []).append(float(loss))
             with torch.inference_mode(False), torch.no_grad():
                 after = total_loss(x0_bar.float(), target, weight, extra_loss)
             stats.setdefault("mcg_loss_after", []).append(float(after))
             stats.setdefault("dds_losses", []).append(dds_losses)
-    if float(sigma_next) == 0:
+    if (float(sigma_next) == 0) if last is None else last:
         return x0, x0
     eps = form.eps(x, sigma, d)          # the original eps: the asymmetric update
     return ddim_step(x0, eps, sigma, sigma_next, eta=eta, noise=noise, form=form), x0

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .autograd import LossScaler
 from .clip_loss import ClipEncoder, directional_loss
 from .ddim import ddim_step
 from .schedules import eps_from_denoised
@@ -66,17 +67,19 @@ class DeltaBlock(nn.Module):
         return self.conv2(F.silu(self.norm(x)))
 
 
-def make_trainable(kind: str, channels: int, spatial: tuple, seed: int, hidden: int = 512, init_scale: float = 1e-3):
-    """(HDirection-like object to train, its parameters). kind: 'implicit' or 'global'. Seeded, no global RNG use."""
+def make_trainable(kind: str, channels: int, spatial: tuple, seed: int, hidden: int = 512, init_scale: float = 1e-3,
+                   device=None):
+    """(HDirection-like object to train, its parameters). kind: 'implicit' or 'global'. Seeded, no global RNG use;
+    initialised on the CPU (the same values on every device) and then moved to `device` (the model's), fp32."""
     from .asyrp import HDirection
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "implicit":
-            f = DeltaBlock(channels, hidden)
+            f = DeltaBlock(channels, hidden).to(device=device)
             return HDirection(None, {}, ((1.0, f),)), list(f.parameters())
         if kind == "global":
             # small, not zero: the directional loss has no direction at delta_I = 0
-            delta = nn.Parameter(init_scale * torch.randn(1, channels, *spatial))
+            delta = nn.Parameter((init_scale * torch.randn(1, channels, *spatial)).to(device=device))
             return HDirection(delta, {}), [delta]
     raise ValueError(f"kind must be 'implicit' or 'global', got {kind!r}")
 
@@ -118,12 +121,15 @@ def make_optimizer(name: str, params: list, lr: Optional[float] = None):
 
 def train_direction(denoise: Callable, starts: list, sigmas: torch.Tensor, edit_steps: int, loss_fn: Callable,
                     params: list, iterations: int, lr: Optional[float] = None, optimizer: str = ADAM,
-                    callback: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                    callback: Optional[Callable[[dict], None]] = None,
+                    scaler: Optional[LossScaler] = None) -> list[dict]:
     """Alg. 2 with one optimiser step per timestep. denoise(x, sigma, edited: bool) -> predicted x0 (edited = with
     delta_h, differentiable in the direction's parameters); starts: x_T per training image (batch 1 each);
     loss_fn(x0_edit, x0_src) -> (loss, parts); optimizer: a key of `OPTIMIZERS`, lr None = its reference lr (a
-    StepLR schedule steps once per iteration, i.e. per pass over `starts`). Returns per iteration the mean loss,
-    its parts and the lr used."""
+    StepLR schedule steps once per iteration, i.e. per pass over `starts`). `scaler`: guidance.autograd.LossScaler
+    for gradients through a half-precision UNet / VAE / CLIP. Returns per iteration the mean loss, its parts and
+    the lr used."""
+    scaler = scaler or LossScaler(False)
     if edit_steps < 1:
         raise ValueError("the editing interval is empty: raise edit_until")
     opt, scheduler = make_optimizer(optimizer, params, lr)
@@ -142,7 +148,7 @@ def train_direction(denoise: Callable, starts: list, sigmas: torch.Tensor, edit_
                 d_edit = denoise(x, sigma, True)
                 loss, parts = loss_fn(d_edit, d_src)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.backward(loss, params)
                 opt.step()
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v

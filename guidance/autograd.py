@@ -30,12 +30,25 @@ def normal_alias(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+_ALIASING = [0]         # how many autograd_parameters blocks are open (aliasing_active)
+
+
+def aliasing_active() -> bool:
+    """True while some network's weights are swapped for aliases (inside autograd_parameters). Nothing may load or
+    offload models then: the memory manager would move the originals while the aliases keep the old memory alive
+    (nodes._guided loads every network a guided run needs before it aliases)."""
+    return _ALIASING[0] > 0
+
+
 @contextmanager
 def autograd_parameters(*modules: torch.nn.Module):
     """Every inference-tensor parameter and buffer of `modules` (and their submodules, each once) aliased by a
     normal tensor inside the block, the original objects put back afterwards. Give it every network the guided
-    call runs: the UNet and what the conditioning or the patches bring (control models, GLIGEN, adapters)."""
+    call runs: the UNet and what the conditioning or the patches bring (control models, GLIGEN, adapters), and
+    the helper models a loss runs (VAE, open_clip), all loaded first: the memory manager's device move happens
+    under inference mode and makes every weight it moves an inference tensor."""
     swapped, seen = [], set()
+    _ALIASING[0] += 1
     try:
         with torch.inference_mode(False):
             for m in (sub for module in modules if module is not None for sub in module.modules()):
@@ -52,8 +65,101 @@ def autograd_parameters(*modules: torch.nn.Module):
                         swapped.append((m._buffers, name, b))
         yield modules[0] if len(modules) == 1 else modules
     finally:
+        _ALIASING[0] -= 1
         for table, name, original in reversed(swapped):
             table[name] = original
+
+
+# --- gradients through half-precision networks ----------------------------------------------------------------------
+
+class LossScaler:
+    """Dynamic loss scaling for gradients through a network that computes in fp16 (one per guided run; the scale
+    is carried from step to step as torch.amp.GradScaler carries it).
+
+    The guidance losses are small: their gradients inside an fp16 UNet sit near or below fp16's smallest normal
+    number (6.1e-5), where they lose precision or flush to zero. The loss is multiplied by `scale` before the
+    backward pass, so every gradient inside the network is `scale` times larger, and the result is divided by it
+    in fp32. An overflow (a non-finite gradient) divides the scale by `backoff` and redoes the backward pass over
+    the same graph; `growth_interval` clean passes in a row double it. Disabled (fp32, bf16: fp32's exponent
+    range), it is torch.autograd.grad / backward with no check and no host synchronisation; enabled, one
+    synchronisation per backward pass reads the overflow check."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 14, backoff: float = 8.0, growth_interval: int = 4,
+                 max_scale: float = 2.0 ** 24, retries: int = 12):
+        self.enabled, self.scale = bool(enabled), float(init_scale) if enabled else 1.0
+        self.backoff, self.growth_interval, self.max_scale, self.retries = backoff, growth_interval, max_scale, retries
+        self.clean, self.overflows, self.passes = 0, 0, 0
+
+    @staticmethod
+    def for_dtypes(*dtypes) -> "LossScaler":
+        """Enabled when any network of the guided call computes in fp16 (or an fp8 type, cast to fp16 per layer)."""
+        return LossScaler(any(d is not None and (d == torch.float16 or "float8" in str(d)) for d in dtypes))
+
+    def _finite(self, grads) -> bool:
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all())
+
+    def _after(self, ok: bool) -> None:
+        if ok:
+            self.clean += 1
+            if self.clean >= self.growth_interval:
+                self.scale, self.clean = min(self.scale * 2.0, self.max_scale), 0
+        else:
+            self.overflows, self.clean = self.overflows + 1, 0
+            self.scale /= self.backoff
+
+    def _loss_ok(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError("the guidance loss is not finite (the forward pass overflowed in half "
+                                     "precision); run the model in fp32 or bf16 (ModelComputeDtype)")
+
+    def grad(self, loss: torch.Tensor, inputs) -> list:
+        """torch.autograd.grad(loss, inputs) as fp32 tensors, scaled as the class says."""
+        single = isinstance(inputs, torch.Tensor)
+        inputs = [inputs] if single else list(inputs)
+        if not self.enabled:
+            self.passes += 1
+            out = list(torch.autograd.grad(loss, inputs))
+            return out[0] if single else out
+        self._loss_ok(loss)
+        for attempt in range(self.retries):
+            self.passes += 1
+            last = attempt == self.retries - 1
+            grads = torch.autograd.grad(loss * self.scale, inputs, retain_graph=not last)
+            ok = self._finite(grads)
+            scale = self.scale
+            self._after(ok)
+            if ok:
+                out = [g.float() / scale for g in grads]
+                return out[0] if single else out
+        raise FloatingPointError(f"the guidance gradient overflowed in half precision at every loss scale down to "
+                                 f"{self.scale:g}")
+
+    def backward(self, loss: torch.Tensor, params) -> None:
+        """loss.backward() into the .grad of `params` (fp32 parameters, e.g. a trained direction), scaled as the
+        class says; the .grad values left are the unscaled gradients."""
+        params = [p for p in params if p.requires_grad]
+        if not self.enabled:
+            self.passes += 1
+            loss.backward()
+            return
+        self._loss_ok(loss)
+        for attempt in range(self.retries):
+            self.passes += 1
+            before = [None if p.grad is None else p.grad.clone() for p in params]
+            last = attempt == self.retries - 1
+            (loss * self.scale).backward(retain_graph=not last)
+            added = [(p.grad if b is None else p.grad - b) for p, b in zip(params, before)]
+            ok = self._finite([a for a in added if a is not None])
+            scale = self.scale
+            self._after(ok)
+            for p, b, a in zip(params, before, added):
+                if a is None:
+                    continue
+                p.grad = (a.float() / scale).to(p.dtype) + (0 if b is None else b) if ok else b
+            if ok:
+                return
+        raise FloatingPointError(f"the training gradient overflowed in half precision at every loss scale down to "
+                                 f"{self.scale:g}")
 
 
 # --- activation checkpointing over the layers of a shared network --------------------------------------------------

@@ -93,6 +93,12 @@ def noise_form_of_model(model) -> NoiseForm:
     return VE
 
 
+def schedule_levels(sigmas) -> list[float]:
+    """The schedule as Python floats, read once before a loop: comparing a device tensor inside a loop (`float(s)`,
+    `if s == 0`) makes the host wait for the GPU at every step."""
+    return [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
+
+
 def ends_at_floor(sigmas: torch.Tensor, sigma_floor: Optional[float]) -> bool:
     """True when a descending schedule ends at the model's lowest trained level sigma(0) > 0 instead of at 0:
     the grid of diffusers' DDIMScheduler with set_alpha_to_one=False, whose last step lands on abar_0."""
@@ -177,12 +183,13 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Option
     s_in = x.new_ones([x.shape[0]])
     floor = model_sigma_floor(model)
     form = noise_form_of_model(model)
+    levels = schedule_levels(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        if float(sigma_next) == 0.0:
+        if levels[i + 1] == 0.0:
             x = denoised
         else:
             eps = form.eps(x, sigma, denoised)

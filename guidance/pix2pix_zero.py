@@ -33,7 +33,8 @@ import torch
 
 from ..attention_patches.controller import AttentionCall, Capture, MapStore
 from ..attention_patches.features import FeatureCall
-from .ddim import ddim_step, finish
+from .autograd import LossScaler
+from .ddim import ddim_step, finish, schedule_levels
 from .losses import cross_attention_loss, patch_nce_loss
 from .schedules import VE, NoiseForm, append_dims
 
@@ -60,10 +61,12 @@ FORMS = ("code", "single")
 def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, reference_maps: dict, step: int,
                      lam: float, sites=None, contrastive: Optional[Contrastive] = None,
                      reference_features: Optional[dict] = None, weight: float = 1.0,
-                     patch_ids: Optional[dict] = None, noise_form: NoiseForm = VE) -> tuple[torch.Tensor, float]:
+                     patch_ids: Optional[dict] = None, noise_form: NoiseForm = VE,
+                     scaler: Optional[LossScaler] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pix2pix-zero (or zeroCon) gradient step on the latent against the loss of `denoise_edit`'s maps
-    (times `weight`). Returns (updated x, loss before the step). The step is lambda in the papers' VP units
-    (vp_step_scale)."""
+    (times `weight`). Returns (updated x, loss before the step as a detached tensor). The step is lambda in the
+    papers' VP units (vp_step_scale). `scaler`: the run's guidance.autograd.LossScaler (half-precision UNets)."""
+    scaler = scaler or LossScaler(False)
     store = MapStore(sites=sites, conds=(0,), keep_graph=True, max_steps=1)
     feats = FeatureCall(sites=contrastive.sites, keep_graph=True, latent_hw=tuple(x.shape[-2:])) \
         if contrastive is not None else None
@@ -80,14 +83,16 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
                 loss = loss + contrastive.lambda_e * patch_nce_loss(
                     reference_features, feats.features, contrastive.n_patches, contrastive.tau, contrastive.scales,
                     contrastive.generator, ids=patch_ids)
-        if weight != 1.0:
-            loss = loss * weight
-        grad, = torch.autograd.grad(loss, xg)
-        store.clear()                          # the maps and features hold the graph: free it now
-        if feats is not None:
-            feats.features.clear()
+        try:
+            if weight != 1.0:
+                loss = loss * weight
+            grad = scaler.grad(loss, xg)
+        finally:
+            store.clear()                      # the maps and features hold the graph: free it now (or on an error)
+            if feats is not None:
+                feats.features.clear()
     x_new = x - lam * vp_step_scale(x, sigma, noise_form) * grad.to(x.dtype)
-    return x_new.detach(), float(loss.detach())
+    return x_new.detach(), loss.detach()
 
 
 def vp_step_scale(x: torch.Tensor, sigma, noise_form: NoiseForm = VE) -> torch.Tensor:
@@ -100,26 +105,30 @@ def vp_step_scale(x: torch.Tensor, sigma, noise_form: NoiseForm = VE) -> torch.T
 
 
 def xa_guidance_pair(x: torch.Tensor, sigma, denoise_pair, reference_maps: dict, step: int, lam: float,
-                     sites=None, noise_form: NoiseForm = VE) -> tuple[torch.Tensor, torch.Tensor, float]:
+                     sites=None, noise_form: NoiseForm = VE,
+                     scaler: Optional[LossScaler] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The code form's two guided halves in one batched UNet call (what the official code's batched pass does):
     x_u and x_c start at x, the caption half (cond index 0) is pulled toward its own reference maps, the edited
     half (cond index 1) toward the same maps, each by (1/2) of its loss; one backward pass gives both gradients
-    (the rows do not interact). Returns (x_u, x_c, the edited half's loss before the step)."""
+    (the rows do not interact). Returns (x_u, x_c, the edited half's loss before the step, detached)."""
+    scaler = scaler or LossScaler(False)
     store = MapStore(sites=sites, conds=(0, 1), keep_graph=True, max_steps=1)
     with torch.inference_mode(False), torch.enable_grad():
-        xu = x.detach().clone().requires_grad_(True)
-        xc = x.detach().clone().requires_grad_(True)
-        denoise_pair(xu, xc, sigma, AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None,
-                                                  tuple(x.shape[-2:])))
-        maps = store.step(step)
-        halves = [cross_attention_loss({(site, 0): m for (site, c), m in maps.items() if c == b}, reference_maps)
-                  for b in (0, 1)]
-        loss = 0.5 * (halves[0] + halves[1])
-        gu, gc = torch.autograd.grad(loss, [xu, xc])
-        store.clear()                          # the maps hold the graph: free it now
+        try:
+            xu = x.detach().clone().requires_grad_(True)
+            xc = x.detach().clone().requires_grad_(True)
+            denoise_pair(xu, xc, sigma, AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None,
+                                                      tuple(x.shape[-2:])))
+            maps = store.step(step)
+            halves = [cross_attention_loss({(site, 0): m for (site, c), m in maps.items() if c == b},
+                                           reference_maps) for b in (0, 1)]
+            loss = 0.5 * (halves[0] + halves[1])
+            gu, gc = scaler.grad(loss, [xu, xc])
+        finally:
+            store.clear()                      # the maps hold the graph: free it now (or on an error)
     s = vp_step_scale(x, sigma, noise_form)
     return ((x - lam * s * gu.to(x.dtype)).detach(), (x - lam * s * gc.to(x.dtype)).detach(),
-            0.5 * float(halves[1].detach()))
+            0.5 * halves[1].detach())
 
 
 def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: DenoiseWithCall,
@@ -129,7 +138,8 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                         contrastive: Optional[Contrastive] = None, form: str = "code",
                         combine: Optional[Callable] = None, sigma_floor: Optional[float] = None,
                         denoise_pair: Optional[Callable] = None, keep: Optional[Callable] = None,
-                        pair_guidance: bool = True, noise_form: NoiseForm = VE) -> torch.Tensor:
+                        pair_guidance: bool = True, noise_form: NoiseForm = VE,
+                        scaler: Optional[LossScaler] = None) -> torch.Tensor:
     """Implements pix2pix-zero's edit pass from an inverted x_T over descending sigmas.
 
     denoise_ref(x, sigma, call): D with the source caption only (CFG-neutral; in the code form also the guided
@@ -155,12 +165,25 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
     if form == "code" and lam != 0 and combine is None:
         raise ValueError("the code form needs `combine` (eps-space CFG of two latents)")
     ref_store = MapStore(sites=sites, conds=(0,), dtype=map_dtype, max_steps=1)
+    try:
+        return _pix2pix_zero_loop(x, sigmas, denoise_ref, denoise_edit, denoise_cfg, lam, sites, callback, stats,
+                                  check_loss, contrastive, form, combine, sigma_floor, denoise_pair, keep,
+                                  pair_guidance, nf, scaler or LossScaler(False), ref_store)
+    finally:
+        ref_store.clear()                      # every exit: success, an error, an OOM, an interrupt
+
+
+def _pix2pix_zero_loop(x, sigmas, denoise_ref, denoise_edit, denoise_cfg, lam, sites, callback, stats, check_loss,
+                       contrastive, form, combine, sigma_floor, denoise_pair, keep, pair_guidance, nf, scaler,
+                       ref_store):
     call_sites = frozenset(sites) if sites else None
     x_ref, x_edit = x, x
     losses, losses_after = [], []
     step_bytes, paired_steps = 0, 0
+    levels = schedule_levels(sigmas)                   # one read of the schedule, not one per step
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        last = levels[i + 1] == 0
         if lam != 0:
             ref_feats = FeatureCall(sites=contrastive.sites, latent_hw=tuple(x.shape[-2:])) \
                 if contrastive is not None else None
@@ -170,14 +193,15 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
             ref_maps, feats = ref_store.step(i), (ref_feats.features if ref_feats is not None else None)
             if form == "single":
                 x_edit, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
-                                                feats, noise_form=nf)
+                                                feats, noise_form=nf, scaler=scaler)
                 denoised = denoise_cfg(x_edit, sigma)
             else:
                 ids = {} if contrastive is not None else None          # one set of patch locations per step
                 paired = denoise_pair is not None and pair_guidance and contrastive is None and x_edit is not x_ref
                 if paired:
                     paired_steps += 1
-                    x_u, x_c, loss = xa_guidance_pair(x_edit, sigma, denoise_pair, ref_maps, i, lam, sites, nf)
+                    x_u, x_c, loss = xa_guidance_pair(x_edit, sigma, denoise_pair, ref_maps, i, lam, sites, nf,
+                                                      scaler)
                     d_u, d_c = denoise_pair(x_u, x_c, sigma, None)
                 elif x_edit is x_ref and contrastive is None:
                     # the first step: the caption half sits on the reference itself, its maps are M_ref, its loss
@@ -186,11 +210,11 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                     x_u, d_u = x_edit, d_ref
                 else:
                     x_u, _ = xa_guidance_step(x_edit, sigma, denoise_ref, ref_maps, i, lam, sites, contrastive,
-                                              feats, weight=0.5, patch_ids=ids, noise_form=nf)
+                                              feats, weight=0.5, patch_ids=ids, noise_form=nf, scaler=scaler)
                     d_u = None
                 if not paired:
                     x_c, loss = xa_guidance_step(x_edit, sigma, denoise_edit, ref_maps, i, lam, sites, contrastive,
-                                                 feats, weight=0.5, patch_ids=ids, noise_form=nf)
+                                                 feats, weight=0.5, patch_ids=ids, noise_form=nf, scaler=scaler)
                     if d_u is None and denoise_pair is not None:
                         d_u, d_c = denoise_pair(x_u, x_c, sigma, None)
                     else:
@@ -206,24 +230,25 @@ def sample_pix2pix_zero(x: torch.Tensor, sigmas: torch.Tensor, denoise_ref: Deno
                 denoise_edit(x_probe, sigma, AttentionCall(i, [Capture(probe)], call_sites, tuple(x.shape[-2:])))
                 after = cross_attention_loss(probe.step(i), ref_maps)
                 losses_after.append(float(after) * (0.5 if form == "code" else 1.0))
-            step_bytes = max(step_bytes, ref_store.nbytes())
+            if stats is not None:
+                step_bytes = max(step_bytes, ref_store.nbytes())
             ref_store.drop(i)
             x_ref = ddim_step(d_ref, nf.eps(x_ref, sigma, d_ref), sigma, sigma_next, form=nf) \
-                if float(sigma_next) > 0 else d_ref
+                if not last else d_ref
             if keep is not None:
                 x_ref = keep(x_ref, sigma_next)
         else:
             denoised = denoise_cfg(x_edit, sigma)
         if callback is not None:
             callback({"x": x_edit, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        if float(sigma_next) == 0:
+        if last:
             x_edit = denoised
         else:
             x_edit = ddim_step(denoised, nf.eps(x_edit, sigma, denoised), sigma, sigma_next, form=nf)
         if keep is not None:
             x_edit = keep(x_edit, sigma_next)
     if stats is not None:
-        stats.update(losses=losses, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps,
+        stats.update(losses=[float(v) for v in losses], loss_scale=scaler.scale, backward_passes=scaler.passes, losses_after=losses_after, ref_peak_steps=ref_store.peak_steps,
                      ref_step_bytes=step_bytes, steps=len(sigmas) - 1, form=form,
                      paired_steps=paired_steps)
     return finish(x_edit, sigmas, sigma_floor)

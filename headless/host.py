@@ -66,9 +66,34 @@ def find_host(explicit: str | os.PathLike | None = None) -> Path:
 
 _booted_host: Path | None = None
 
+DEVICES = ("auto", "cpu", "cuda")
 
-def import_comfy(host: Path, argv: Iterable[str] = ()) -> None:
-    """Make `comfy.*` importable from `host`, configured for a CPU run. Idempotent for one host."""
+
+def resolve_device(device: str | None = None) -> str:
+    """The device ComfyUI runs on: `device` if given, else $Z2I_DEVICE, else "auto" (CUDA when torch sees a CUDA
+    GPU, else the CPU). "cuda" without a GPU is an error, never a silent CPU run."""
+    choice = (device or os.environ.get("Z2I_DEVICE") or "auto").strip().lower()
+    if choice not in DEVICES:
+        raise ValueError(f"Z2I_DEVICE / --device must be one of {', '.join(DEVICES)}, got {choice!r}")
+    if choice == "cpu":
+        return "cpu"
+    import torch
+    has_cuda = torch.cuda.is_available()
+    if choice == "cuda" and not has_cuda:
+        raise RuntimeError("Z2I_DEVICE=cuda / --device cuda, but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    return "cuda" if has_cuda else "cpu"
+
+
+def device_args(device: str | None = None) -> list[str]:
+    """ComfyUI's command-line flags for resolve_device(device): --cpu on the CPU, nothing on CUDA (ComfyUI's own
+    default picks the GPU and its VRAM mode)."""
+    return ["--cpu"] if resolve_device(device) == "cpu" else []
+
+
+def import_comfy(host: Path, argv: Iterable[str] = (), device: str | None = None) -> None:
+    """Make `comfy.*` importable from `host`, on resolve_device(device) (Z2I_DEVICE: auto|cpu|cuda). Idempotent
+    for one host."""
     global _booted_host
     host = Path(host).resolve()
     if _booted_host is not None:
@@ -80,7 +105,7 @@ def import_comfy(host: Path, argv: Iterable[str] = ()) -> None:
         raise RuntimeError("comfy was imported before the Z2I host boot; import_comfy() must come first")
     sys.path.insert(0, str(host))
     saved = sys.argv
-    sys.argv = [str(host / "main.py"), "--cpu", "--use-pytorch-cross-attention", "--disable-api-nodes",
+    sys.argv = [str(host / "main.py"), *device_args(device), "--use-pytorch-cross-attention", "--disable-api-nodes",
                 "--database-url", "sqlite:///:memory:", *argv]
     try:
         import comfy.options
@@ -124,9 +149,10 @@ class Host:
 
     _instance: "Host | None" = None
 
-    def __init__(self, host_dir: Path, output_dir: Path | None = None, input_dir: Path | None = None):
+    def __init__(self, host_dir: Path, output_dir: Path | None = None, input_dir: Path | None = None,
+                 device: str | None = None):
         self.host_dir = Path(host_dir).resolve()
-        import_comfy(self.host_dir)
+        import_comfy(self.host_dir, device=device)
         import folder_paths
         import utils.extra_config  # noqa: F401  (must come before `nodes`)
         import nodes

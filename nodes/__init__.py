@@ -8,11 +8,11 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
-from . import agg, attention, caption, clip_models, csg, edit, hspace, inversion, sampling
+from . import agg, attention, caption, clip_models, csg, edit, hspace, inversion, sampling, settings
 
 NODES: list[type[io.ComfyNode]] = [
     *sampling.NODES, *inversion.NODES, *edit.NODES, *caption.NODES, *attention.NODES, *csg.NODES, *hspace.NODES,
-    *agg.NODES, *clip_models.NODES,
+    *agg.NODES, *clip_models.NODES, *settings.NODES,
 ]
 
 # The image every shipped workflow's Load Image names (made by tools/make_example_image.py). In assets/, not

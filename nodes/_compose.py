@@ -95,15 +95,52 @@ def checkpoint_layers(nets) -> list:
 
 
 @contextmanager
-def gradients_through(nets):
-    """Backward passes through `nets` (the UNet and what runs with it, or a VAE) inside the block: their
-    inference-mode weights aliased for autograd (guidance.autograd.autograd_parameters) and the activations of
-    their large layers recomputed instead of kept (CHECKPOINT_POSITIONS). The one entry point of every guided
-    sampler and trainer, so a fix here reaches every method."""
+def gradients_through(nets, checkpoint: bool = True):
+    """Backward passes through `nets` (the UNet and what runs with it, a VAE, open_clip) inside the block: their
+    inference-mode weights aliased for autograd (guidance.autograd.autograd_parameters), fp8 linear layers on
+    their upcasting path (fp8_upcast), and with `checkpoint` (memory mode low) the activations of their large
+    layers recomputed instead of kept (CHECKPOINT_POSITIONS). Entered by nodes._guided.guided_run, the one entry
+    point of every guided sampler and trainer, after every network is loaded, so a fix here reaches every method."""
     with ExitStack() as stack:
         stack.enter_context(autograd_parameters(*nets))
-        stack.enter_context(checkpointed(checkpoint_layers(nets), when=_large))
+        stack.enter_context(fp8_upcast(nets))
+        if checkpoint:
+            stack.enter_context(checkpointed(checkpoint_layers(nets), when=_large))
         yield
+
+
+@contextmanager
+def fp8_upcast(nets):
+    """ComfyUI's fp8 linear layers (comfy.ops.fp8_ops, chosen with --fast on GPUs with fp8 compute) multiply in fp8
+    through torch._scaled_mm, which has no backward pass, unless the module is in training mode, where they cast
+    the weight to the compute dtype per layer as manual_cast does. Inside the block they take that path (the
+    forward values are the upcast weights' own); their mode is put back afterwards. Layers that multiply in fp8
+    with no such switch (scaled fp8 checkpoints with fp8_matrix_mult) are refused by nodes._guided."""
+    switched = []
+    try:
+        for net in nets:
+            for m in net.modules():
+                if _fp8_matmul_switchable(m) and not m.training:
+                    m.training = True
+                    switched.append(m)
+        yield
+    finally:
+        for m in switched:
+            m.training = False
+
+
+def _fp8_matmul_switchable(m) -> bool:
+    return type(m).__qualname__ == "fp8_ops.Linear"
+
+
+def fp8_matmul_fixed(m) -> bool:
+    """A linear layer that always multiplies in fp8 (comfy.ops.scaled_fp8_ops with fp8_matrix_mult)."""
+    fn = getattr(type(m), "forward_comfy_cast_weights", None)
+    code = getattr(fn, "__code__", None)
+    if code is None or "fp8_matrix_mult" not in code.co_freevars or fn.__closure__ is None:
+        return False
+    cell = fn.__closure__[code.co_freevars.index("fp8_matrix_mult")]
+    return bool(cell.cell_contents)
 
 
 def _patch_functions(to: dict):
@@ -277,9 +314,11 @@ def per_image_conds(model) -> bool:
     return False
 
 
-def rows_of(model):
-    """The denoiser evaluated one batch row at a time (each image exactly as alone; guidance.ddim.per_row), or
-    the whole batch when the conditioning holds one prompt per image."""
+def rows_of(model, extra_args: dict):
+    """The denoiser for this run's batch mode (nodes._guided settings): the whole batch in one UNet call (batch
+    "batched", the default, as core samples), or one batch row at a time (batch "per image": each image exactly as
+    alone; guidance.ddim.per_row), except when the conditioning holds one prompt per image."""
     from ..guidance.ddim import per_row
+    from ._guided import per_image
 
-    return model if per_image_conds(model) else per_row(model)
+    return per_row(model) if per_image(extra_args) and not per_image_conds(model) else model

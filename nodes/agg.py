@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..guidance.agg import agg_step, boundary
-from ..guidance.autograd import autograd_parameters
 from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model, seeded_noise_sampler
-from ._compose import gradients_through, guard_inplace, guided_networks, inpainting, own_rng, rows_of
+from ._compose import guard_inplace, inpainting, own_rng, rows_of
+from ._guided import Helper, guided_run
 from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible, is_sd3
-from .clip_models import ClipLossModelType, image_decoder, ready
+from .clip_models import ClipLossModelType, image_decoder
 from .types import InversionType
 
 NODE = "Z2I AGG Sampler"
@@ -40,12 +40,17 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     noise_sampler = seeded_noise_sampler(x, extra_args.get("seed")) if eta > 0 else None
     cb = interruptible(callback)
     base = model.inner_model.inner_model
-    rows = rows_of(model)          # each image evaluated as alone (guidance.ddim.per_row)
+    rows = rows_of(model, extra_args)       # the batch in one call, or each image as alone (batch "per image")
+    levels = [float(v) for v in sigmas.tolist()]        # one read of the schedule, not one per step
     with ExitStack() as stack:
+        scaler = None
         if weight != 0 or style is not None:
-            stack.enter_context(gradients_through(guided_networks(model, extra_args)))
+            helpers = [] if style is None else [Helper(style["vae"].patcher, style["vae"].first_stage_model),
+                                                Helper(getattr(style["model"], "patcher", None), style["model"].model)]
+            g = stack.enter_context(guided_run(model, extra_args, x, NODE, rows=1, helpers=helpers, stats=stats))
+            scaler = g.scaler
             extra_args = {**extra_args, "model_options": guard_inplace(extra_args.get("model_options", {}))}
-        extra_loss = _style_loss(stack, style, base, traj, x, extra_args.get("seed")) if style else None
+        extra_loss = _style_loss(style, base, traj, x, extra_args.get("seed")) if style else None
         for i in range(n):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             guided = i < e1 or (mask is not None and i < e2)
@@ -57,22 +62,23 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                     raise Z2IInputError(NODE, "sigmas (of the sampler node)", f"sigma {float(sigma):.4g} is not on "
                                         "the inversion's schedule", "connect DDIM Inversion's 'sigmas'") from None
                 target = traj.x0[k].to(x) if k < traj.x0.shape[0] else None   # the top level has no x0*
-            noise = noise_sampler(sigma, sigma_next) if eta > 0 and float(sigma_next) > 0 else None
+            noise = noise_sampler(sigma, sigma_next) if eta > 0 and levels[i + 1] > 0 else None
             x_next, x0 = agg_step(
-                x, sigma, sigma_next, lambda xx, s=sigma: rows(xx, s * s_in, **extra_args), target, weight,
+                x, sigma, sigma_next,
+                lambda xx, s=sigma: rows(xx, s * s_in, **extra_args), target, weight,
                 dds_lr, dds_steps, mask if (mask is not None and i >= e1) else None, eta, noise, stats,
-                extra_loss if guided else None, form)
+                extra_loss if guided else None, form, scaler, last=levels[i + 1] == 0)
             cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": x0})
             x = x_next if keep is None else keep(x_next, sigma_next)
     return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)
 
 
-def _style_loss(stack: ExitStack, style: dict, base, traj, x, seed):
+def _style_loss(style: dict, base, traj, x, seed):
     """AGG Eq. 21-22 on the VAE-decoded x0: -cos(v_trg, E_I(cutouts(decode(x0)))) times lambda_style (a mean over
-    each image's cutouts, summed over the batch)."""
-    decode = image_decoder(style["vae"], base, NODE)
-    stack.enter_context(autograd_parameters(style["vae"].first_stage_model))
-    enc = ready(style["model"])
+    each image's cutouts, summed over the batch). Called inside the guided run, which loaded the VAE and open_clip
+    and aliased their weights."""
+    decode = image_decoder(style["vae"], base, NODE, load=False)
+    enc = style["model"]
     with torch.inference_mode(False), torch.no_grad():
         e_src = enc.encode_image(decode(traj.latents[0].to(x)))        # the source image x_src
         t = enc.encode_text([style["source"], style["target"]])

@@ -12,8 +12,8 @@ from ..attention_patches.joint import with_joint_patches
 from ..attention_patches.sites import cross_attention_sites, joint_sites, select_sites
 from ..guidance.ddim import model_sigma_floor, noise_form_of_model
 from ..guidance.pix2pix_zero import Contrastive, sample_pix2pix_zero
-from ._compose import (gradients_through, guard_inplace, guided_networks, inpainting, large_latent, own_rng,
-                       per_image_conds, with_z2i_attn2)
+from ._compose import guard_inplace, inpainting, own_rng, per_image_conds, with_z2i_attn2
+from ._guided import guided_run, per_image
 from .sampling import INVERSION_TIP
 from .types import InversionType
 from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
@@ -167,7 +167,7 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
     node = node or P2PZ
     check_sampler_inputs(node, model, x, inversion, flow_ok=True)
     extra_args, keep = inpainting(extra_args or {}, inversion, node)
-    calls = GuidedCalls(model, extra_args or {}, node, rowwise=True)
+    calls = GuidedCalls(model, extra_args or {}, node, rowwise=per_image(extra_args or {}))
     if not calls.conds("negative"):
         raise Z2IInputError(node, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt, as pix2pix-zero does")
@@ -186,16 +186,19 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
         contrastive = Contrastive(lambda_c=spec["lambda_c"], lambda_e=spec["lambda_e"], sites=feature_sites,
                                   n_patches=spec["n_patches"], tau=spec["tau"],
                                   generator=torch.Generator().manual_seed(int(seed)))
-    run = lambda: sample_pix2pix_zero(  # noqa: E731
+    denoise_pair = calls.denoise_pair() if pair else None
+    run = lambda low=False, scaler=None: sample_pix2pix_zero(  # noqa: E731
         x, sigmas, calls.denoise_one("negative"), calls.denoise_one("positive"), calls.denoise_cfg, lam=xa_guidance,
         sites=sites, map_dtype=map_dtype, callback=interruptible(callback), stats=stats, check_loss=check_loss,
         contrastive=contrastive, form=form, combine=calls.combine, sigma_floor=model_sigma_floor(model),
-        denoise_pair=calls.denoise_pair() if pair else None, keep=keep, pair_guidance=not large_latent(x),
-        noise_form=noise_form_of_model(model))
+        denoise_pair=denoise_pair, keep=keep, pair_guidance=not low, noise_form=noise_form_of_model(model),
+        scaler=scaler)
     if xa_guidance == 0:
         return run()
-    with gradients_through(guided_networks(model, extra_args or {})):
-        return run()
+    # fast mode: the code form guides both CFG halves in one call (2 rows per image); zeroCon guides them in turn
+    rows = 2 if form == "code" and denoise_pair is not None and contrastive is None else 1
+    with guided_run(model, extra_args or {}, x, node, rows=rows, stats=stats) as g:
+        return run(g.checkpoint, g.scaler)
 
 
 class Pix2PixZeroSampler(io.ComfyNode):

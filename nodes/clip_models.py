@@ -236,11 +236,12 @@ def ready(encoder):
     return encoder
 
 
-def image_decoder(vae, base_model, node: str, input_name: str = "vae"):
+def image_decoder(vae, base_model, node: str, input_name: str = "vae", load: bool = True):
     """fn(x0 in the diffusion model's latent space) -> image [B, 3, H, W] in about [0, 1], differentiable.
 
-    Call it inside guidance.autograd.autograd_parameters(vae.first_stage_model) (VAE weights are inference
-    tensors). No clamp: clamping would zero the gradient of saturated pixels.
+    For gradients, use it inside nodes._guided.guided_run with the VAE as a helper (loaded by the memory manager,
+    then its inference-tensor weights aliased) and load=False: nothing may load while weights are aliased.
+    No clamp: clamping would zero the gradient of saturated pixels.
     """
     if vae is None or not hasattr(vae, "first_stage_model") or getattr(vae, "latent_dim", 2) != 2:
         raise Z2IInputError(node, input_name, "needs the image VAE of the checkpoint", "connect the checkpoint "
@@ -248,7 +249,8 @@ def image_decoder(vae, base_model, node: str, input_name: str = "vae"):
     if getattr(vae, "latent_channels", None) != base_model.latent_format.latent_channels:
         raise Z2IInputError(node, input_name, f"this VAE has {vae.latent_channels} latent channels, the model "
                             f"{base_model.latent_format.latent_channels}", "use the VAE of the same checkpoint")
-    comfy.model_management.load_models_gpu([vae.patcher])
+    if load:
+        comfy.model_management.load_models_gpu([vae.patcher])
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         z = base_model.process_latent_out(x0).to(vae.device, vae.vae_dtype)

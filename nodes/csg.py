@@ -21,6 +21,7 @@ from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token
 from ..guidance.ddim import ddim_step, finish, model_sigma_floor, noise_form_of_model
 from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
                        rows_of, with_z2i_attn2)
+from ._guided import per_image
 from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_sampler_inputs, denoiser_of, interruptible,
                     model_signature)
 from .attention import GuidedCalls
@@ -195,9 +196,10 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
     traj = inversion.trajectory
     denoise = calls.denoise_one("positive")
     cb = interruptible(callback)
-    # each image alone (as guidance.ddim.per_row), so a batch's masks are the single-image masks bit for bit
-    parts = [slice(None)] if x.shape[0] == 1 or per_image_conds(model) else [slice(r, r + 1)
-                                                                             for r in range(x.shape[0])]
+    # batch "per image": each image alone (as guidance.ddim.per_row), so a batch's masks are the single-image masks
+    # bit for bit; "batched" (default): the batch in one call
+    whole = x.shape[0] == 1 or per_image_conds(model) or not per_image(extra_args or {})
+    parts = [slice(None)] if whole else [slice(r, r + 1) for r in range(x.shape[0])]
     word_maps, smoothed = [], []
     steps = len(sigmas) - 1
     # The source maps for the CSG Sampler's mixup: every step's caption maps, as its lockstep source row makes them
@@ -419,8 +421,8 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                 extra_args = {**extra_args, "model_options": with_joint_patches(mo, len(net.joint_blocks))}
         elif foreign_attn2_sites(mo, cross_attention_sites(net)):
             extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, cross_attention_sites(net))}
-    calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=True) if spec is not None else None
-    rows = rows_of(model)          # each image evaluated as alone (guidance.ddim.per_row)
+    calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=per_image(extra_args)) if spec is not None else None
+    rows = rows_of(model, extra_args)      # the batch in one call, or each image as alone (batch "per image")
     store = MapStore(conds=(0,), max_steps=1)
     source = calls.denoise_one("negative") if calls is not None else None
     if calls is not None and not calls.conds("negative"):

@@ -16,7 +16,6 @@ from comfy_api.latest import io
 from ..attention_patches.joint import with_joint_patches
 from ..guidance.asyrp import HDirection, interval_index, sample_asyrp, step_scale
 from ..guidance.asyrp_train import ADAM, OPTIMIZERS, asyrp_loss, make_trainable, train_direction
-from ..guidance.autograd import autograd_parameters
 from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
@@ -25,7 +24,9 @@ from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, c
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of, is_sd3)
 from .clip_models import ClipLossModelType, image_decoder, ready
-from ._compose import analysis_options, gradients_through, inpainting, own_rng, per_image_conds, rows_of
+from ._compose import analysis_options, inpainting, own_rng, per_image_conds, rows_of
+from ._guided import Helper, guided_run
+from ._guided import per_image as per_image_mode
 from .sampling import INVERSION_TIP
 from .types import InversionType
 
@@ -100,7 +101,7 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     call = HCall(direction=direction, scale=total, timestep=ms.timestep, latent_hw=hw)
     mo = extra_args.get("model_options", {})
     edit_args = {**extra_args, "model_options": with_hspace(mo, call, depth)}
-    rows = rows_of(model)
+    rows = rows_of(model, extra_args)
     if rows is model or x.shape[0] == 1:
         model_edit = lambda xx, s: model(xx, s * s_in, **edit_args)  # noqa: E731
     else:       # each image alone, with its own row of a per-image direction (guidance.ddim.per_row)
@@ -180,7 +181,8 @@ def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, i
         return c.view(-1, n, *c.shape[1:]).mean(0)
 
     conds = [guider.conds["positive"], guider.conds["negative"]]
-    whole = per_image_conds(model) or x.shape[0] == 1     # else each image alone (guidance.ddim.per_row)
+    # batch "per image": each image alone (guidance.ddim.per_row); "batched" (default): the batch in one call
+    whole = per_image_conds(model) or x.shape[0] == 1 or not per_image_mode(extra_args or {})
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
         xi = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
@@ -263,12 +265,13 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
                                  sigma_floor=float(ms.sigma_min))
     edit_steps = job["edit_steps"]
     h_shape = _h_shape(base, x)
-    with torch.inference_mode(False):
-        trainable, params = make_trainable(job["kind"], h_shape[1], h_shape[-2:], job["seed"], job["hidden"])
+    with torch.inference_mode(False):          # on the model's device (fp32 parameters: the optimiser's master copy)
+        trainable, params = make_trainable(job["kind"], h_shape[1], h_shape[-2:], job["seed"], job["hidden"],
+                                           device=x.device)
     call = HCall(direction=trainable, scale=1.0, timestep=ms.timestep, keep_seen=False)
     edit_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}), call)}
     plain_args = {**extra_args, "model_options": with_hspace(extra_args.get("model_options", {}))}
-    enc, vae = ready(job["clip"]), job["vae"]
+    enc, vae = job["clip"], job["vae"]
 
     def denoise(xx, sigma, edited):
         return model(xx, sigma * xx.new_ones([xx.shape[0]]), **(edit_args if edited else plain_args))
@@ -277,11 +280,11 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
         comfy.model_management.throw_exception_if_processing_interrupted()
         job["preview"](info["done"] - 1, info["x0_edit"], info["x0_edit"], info["total"])
 
+    helpers = [Helper(vae.patcher, vae.first_stage_model), Helper(getattr(enc, "patcher", None), enc.model)]
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(gradients_through([base.diffusion_model]))
-        decode = image_decoder(vae, base, TRAIN)
-        stack.enter_context(autograd_parameters(vae.first_stage_model))
+        run = stack.enter_context(guided_run(model, extra_args, x[:1], TRAIN, rows=1, helpers=helpers))
+        decode = image_decoder(vae, base, TRAIN, load=False)
         stack.enter_context(torch.enable_grad())
         text_dir = enc.text_direction(job["source"], job["target"])
 
@@ -292,7 +295,7 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
 
         starts = [x_T[j:j + 1].clone() for j in range(x_T.shape[0])]
         history = train_direction(denoise, starts, sigmas, edit_steps, loss_fn, params, job["iterations"], job["lr"],
-                                  optimizer=job["optimizer"], callback=progress)
+                                  optimizer=job["optimizer"], callback=progress, scaler=run.scaler)
     job["out"] = (trainable, history, edit_steps, h_shape)
     return x
 

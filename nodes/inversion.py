@@ -22,7 +22,7 @@ VARIANTS = {"current level": "current", "target timestep": "target", "diffusers 
 
 @own_rng
 def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-    return sample_ddim_invert(rows_of(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+    return sample_ddim_invert(rows_of(model, extra_args or {}), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                               disable=disable, **options)
 
 

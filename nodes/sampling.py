@@ -17,7 +17,7 @@ def _ddim_sampler_fn(model, x, sigmas, extra_args=None, callback=None, disable=N
     """KSAMPLER entry point: the pure DDIM loop with ComfyUI's progress/preview callback."""
     check_sampler_inputs(NODE, model, x, inversion, flow_ok=True)
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)
-    return sample_ddim(rows_of(model), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
+    return sample_ddim(rows_of(model, extra_args or {}), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
                        disable=disable, eta=eta, keep=keep)
 
 

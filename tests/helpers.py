@@ -130,8 +130,9 @@ class ComfyServer:
                 (self.user_dir / "default" / "comfy.settings.json").write_text(json.dumps(self.settings, indent=2))
             extra += ["--user-directory", str(self.user_dir.resolve())]
         self._log = open(self.log_path, "wb")
+        from z2i.headless.host import device_args
         self.proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "main.py", *device_args(), "--listen", "127.0.0.1", "--port", str(self.port),
              "--disable-api-nodes", "--database-url", "sqlite:///:memory:", "--use-pytorch-cross-attention",
              "--output-directory", str(self.output_dir), "--disable-auto-launch", *extra],
             cwd=self.host_dir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -259,10 +260,23 @@ EXACT_BATCH_TOL = 1e-5
 BATCH_TOL = 3e-4
 
 
-def two_image_batch(p: dict, which: str) -> dict:
+def with_settings(p: dict, memory: str = "auto", batch: str = "batched", model=("ckpt", 0)) -> dict:
+    """Insert a Z2I GPU Settings node after the graph's model output `model` and rewire every input that took it."""
+    src = list(model)
+    for n in p.values():
+        for k, v in n["inputs"].items():
+            if isinstance(v, list) and v == src:
+                n["inputs"][k] = ["z2i_settings", 0]
+    p["z2i_settings"] = {"class_type": "Z2I_GPUSettings", "inputs": {"model": src, "memory": memory, "batch": batch}}
+    return p
+
+
+def two_image_batch(p: dict, which: str, batch: str = "per image") -> dict:
     """Rewire an `inverted_image_graph` to image A (the example), image B (A mirrored and inverted: a different
     image of the same size) or the batch [A, B]: which in "a", "b", "ab". Each image is VAE-encoded on its own and
-    the latents batched (LatentBatch), so the batch holds the same bits as the single-image runs."""
+    the latents batched (LatentBatch), so the batch holds the same bits as the single-image runs. batch: the Z2I
+    GPU Settings batch mode ("per image": each image exactly as alone; "batched": the default, one UNet call)."""
+    with_settings(p, batch=batch)
     p["flip"] = {"class_type": "ImageFlip", "inputs": {"image": ["scale", 0], "flip_method": "y-axis: horizontally"}}
     p["other"] = {"class_type": "ImageInvert", "inputs": {"image": ["flip", 0]}}
     p["enc_a"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["scale", 0], "vae": ["ckpt", 2]}}
