@@ -71,19 +71,19 @@ def xa_guidance_step(x: torch.Tensor, sigma, denoise_edit: DenoiseWithCall, refe
     feats = FeatureCall(sites=contrastive.sites, keep_graph=True, latent_hw=tuple(x.shape[-2:])) \
         if contrastive is not None else None
     with torch.inference_mode(False), torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
-        call = AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None, tuple(x.shape[-2:]))
-        if feats is None:
-            denoise_edit(xg, sigma, call)
-            loss = cross_attention_loss(store.step(step), reference_maps)
-        else:
-            denoise_edit(xg, sigma, call, feature_call=feats)
-            loss = contrastive.lambda_c * cross_attention_loss(store.step(step), reference_maps)
-            if contrastive.lambda_e != 0:
-                loss = loss + contrastive.lambda_e * patch_nce_loss(
-                    reference_features, feats.features, contrastive.n_patches, contrastive.tau, contrastive.scales,
-                    contrastive.generator, ids=patch_ids)
         try:
+            xg = x.detach().clone().requires_grad_(True)
+            call = AttentionCall(step, [Capture(store)], frozenset(sites) if sites else None, tuple(x.shape[-2:]))
+            if feats is None:
+                denoise_edit(xg, sigma, call)
+                loss = cross_attention_loss(store.step(step), reference_maps)
+            else:
+                denoise_edit(xg, sigma, call, feature_call=feats)
+                loss = contrastive.lambda_c * cross_attention_loss(store.step(step), reference_maps)
+                if contrastive.lambda_e != 0:
+                    loss = loss + contrastive.lambda_e * patch_nce_loss(
+                        reference_features, feats.features, contrastive.n_patches, contrastive.tau,
+                        contrastive.scales, contrastive.generator, ids=patch_ids)
             if weight != 1.0:
                 loss = loss * weight
             grad = scaler.grad(loss, xg)

@@ -114,9 +114,10 @@ def guided_bytes(unet, latent_hw: tuple, rows: int, dtype: torch.dtype, checkpoi
     return int(rows * (total + largest) * size)
 
 
-def compute_dtype(base) -> torch.dtype:
-    """The dtype a ComfyUI BaseModel computes in (manual cast dtype for fp8 or upcast weights, else its own)."""
-    return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+def compute_dtype(patcher) -> torch.dtype:
+    """The dtype a ComfyUI model computes in: its manual cast dtype (fp8 or upcast weights, ModelComputeDtype's
+    object patch) when set, else its weights' dtype."""
+    return patcher.get_model_object("manual_cast_dtype") or patcher.model.get_dtype()
 
 
 def choose_mode(memory: str, fast_bytes: int, free_bytes: int) -> str:
@@ -217,7 +218,7 @@ def guided_run(model, extra_args: dict, x: torch.Tensor, node: str, rows: int = 
     helpers = [h for h in helpers if h is not None]
     nets = guided_networks(model, extra_args)
     refuse_unsupported(nets, node)
-    dtype = compute_dtype(base)
+    dtype = compute_dtype(patcher)
     batch = 1 if settings["batch"] == "per image" else int(x.shape[0])
     hw = tuple(x.shape[-2:])
     from . import _compose

@@ -298,14 +298,15 @@ def run_sampler_with_stats(host, prompt: dict, positive: str, negative: str, cfg
     inversion, with extra sampler options (stats, probes): returns (samples, stats)."""
     import comfy.sample
     import comfy.samplers
-    res = host.run_prompt(prompt, targets=["sampler", "inv", positive, negative, "ckpt"])
+    model = prompt["s"]["inputs"]["model"] if "s" in prompt else ["ckpt", 0]     # the sampling node's MODEL
+    res = host.run_prompt(prompt, targets=["sampler", "inv", positive, negative, model[0]])
     node = res.output("sampler", 0)
     stats: dict = {}
     # the node's own class (Z2IKSampler: a flow latent at sigma 1 is carried as the state, not scaled to zero)
     sampler = type(node)(node.sampler_function, extra_options={**node.extra_options, "stats": stats, **options})
     noise = res.output("inv", 0)["samples"]
     with torch.inference_mode():
-        out = comfy.sample.sample_custom(res.output("ckpt", 0), torch.zeros_like(noise), cfg, sampler,
+        out = comfy.sample.sample_custom(res.output(model[0], model[1]), torch.zeros_like(noise), cfg, sampler,
                                          res.output("inv", 2), res.output(positive, 0), res.output(negative, 0),
                                          noise)
     return out, stats

@@ -1,6 +1,6 @@
-"""Memory of a guided call (issue 19): the large layers' activations are recomputed in the backward pass instead of
-kept (guidance.autograd.checkpointed via nodes._compose.gradients_through), and pix2pix-zero guides its two halves
-one after the other on large latents. The tests lower the size from which this applies to every layer of the tiny
+"""Memory of a guided call (issues 19, 28): in memory mode low the large layers' activations are recomputed in the
+backward pass instead of kept (guidance.autograd.checkpointed via nodes._compose.gradients_through), and
+pix2pix-zero guides its two halves one after the other. The tests lower the size from which this applies to every layer of the tiny
 64 px graphs and check that every gradient-guided method gives the same edit as with every activation kept, alone
 and inside a graph with a ControlNet, FreeU_V2 (an in-place foreign patch) and ToMe (random token merging).
 """
@@ -44,8 +44,11 @@ def checkpoint_everything(host, monkeypatch):
 
     monkeypatch.setattr(mod, "_RECOMPUTING", Counting())
 
-    def switch(value):
+    guided = sys.modules[compose.__name__.rsplit(".", 1)[0] + "._guided"]
+
+    def switch(value):           # memory mode low with every layer checkpointed, or fast
         monkeypatch.setattr(compose, "CHECKPOINT_POSITIONS", 1 if value else 32 * 32)
+        monkeypatch.setitem(guided.DEFAULTS, "memory", "low" if value else "fast")
     switch(False)
     return switch, counts
 
@@ -100,10 +103,9 @@ def test_recomputation_inside_a_graph_with_controlnet_lora_freeu_and_tome(host, 
     """A LoRA on the MODEL (its patched weights are what the recomputation runs); the ControlNet's layers are checkpointed too (it runs inside the guided call); FreeU_V2 writes in place into
     activations; ToMe draws random token merges from the global RNG inside the layers, which the recomputation must
     draw again identically (torch's preserve_rng_state). 128 px: FreeU needs a deepest level larger than 1x1.
-    pix2pix-zero guides its halves one by one in both runs here (paired or not, ToMe draws different merges)."""
+    pix2pix-zero guides its halves one by one in both runs here (paired or not, ToMe draws different merges): the
+    graph's ControlNet makes each half its own call."""
     switch, counts = checkpoint_everything
-    attention = sys.modules[host.node_classes["Z2I_Pix2PixZeroSampler"].__module__]
-    monkeypatch.setattr(attention, "large_latent", lambda x: True)
     build = _at_128({"pix2pix-zero": P2P, "AGG": AGG}[method])
     p = patched_after_checkpoint(splice_lora(splice_controlnet(build(checkpoints["sd15"]))), "ToMe")
 
