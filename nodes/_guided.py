@@ -195,7 +195,8 @@ def fully_loaded(patcher) -> bool:
 
 
 @contextmanager
-def guided_run(model, extra_args: dict, x: torch.Tensor, node: str, rows: int = 1, helpers=(), stats=None):
+def guided_run(model, extra_args: dict, x: torch.Tensor, node: str, rows: int = 1, helpers=(), stats=None,
+               cfg_call: bool = False):
     """Everything a guided run does around its loop, in the order ComfyUI needs it:
     1. every network the run backpropagates through (the UNet and what runs with it: control models, GLIGEN,
        patch modules; `helpers`: ModelPatchers of the VAE and open_clip a loss decodes and encodes with) loaded by
@@ -206,7 +207,9 @@ def guided_run(model, extra_args: dict, x: torch.Tensor, node: str, rows: int = 
        (_compose.gradients_through);
     4. on every exit (success, error, OOM, interrupt) the aliases and layers put back, so the shared model is as it
        was (the guidance loops clear their own map and feature stores in `finally` blocks).
-    `rows`: latent rows one guided call holds at once per image (2 for pix2pix-zero's paired halves in fast mode)."""
+    `rows`: latent rows one guided call holds at once per image (2 for pix2pix-zero's paired halves in fast mode);
+    cfg_call: the guided call is the guider's full CFG call (AGG, h-direction training), which holds the cond and
+    uncond rows of every image (core skips uncond at cfg 1)."""
     import comfy.model_management as mm
 
     from ._compose import gradients_through, guided_networks
@@ -220,6 +223,8 @@ def guided_run(model, extra_args: dict, x: torch.Tensor, node: str, rows: int = 
     refuse_unsupported(nets, node)
     dtype = compute_dtype(patcher)
     batch = 1 if settings["batch"] == "per image" else int(x.shape[0])
+    if cfg_call and float(getattr(guider, "cfg", 1.0)) != 1.0:
+        rows *= 2
     hw = tuple(x.shape[-2:])
     from . import _compose
     fast = guided_bytes(base.diffusion_model, hw, batch * rows, dtype, checkpoint=False)

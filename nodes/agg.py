@@ -47,7 +47,8 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         if weight != 0 or style is not None:
             helpers = [] if style is None else [Helper(style["vae"].patcher, style["vae"].first_stage_model),
                                                 Helper(getattr(style["model"], "patcher", None), style["model"].model)]
-            g = stack.enter_context(guided_run(model, extra_args, x, NODE, rows=1, helpers=helpers, stats=stats))
+            g = stack.enter_context(guided_run(model, extra_args, x, NODE, rows=1, helpers=helpers, stats=stats,
+                                                cfg_call=True))
             scaler = g.scaler
             extra_args = {**extra_args, "model_options": guard_inplace(extra_args.get("model_options", {}))}
         extra_loss = _style_loss(style, base, traj, x, extra_args.get("seed")) if style else None

@@ -283,7 +283,8 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
     helpers = [Helper(vae.patcher, vae.first_stage_model), Helper(getattr(enc, "patcher", None), enc.model)]
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
-        run = stack.enter_context(guided_run(model, extra_args, x[:1], TRAIN, rows=1, helpers=helpers))
+        run = stack.enter_context(guided_run(model, extra_args, x[:1], TRAIN, rows=1, helpers=helpers,
+                                                  cfg_call=True))
         decode = image_decoder(vae, base, TRAIN, load=False)
         stack.enter_context(torch.enable_grad())
         text_dir = enc.text_direction(job["source"], job["target"])

@@ -45,12 +45,13 @@ class Meter:
         import psutil
         import torch
         self.proc = psutil.Process()
-        self.rows = self.backwards = 0
+        self.rows = self.backwards = self.calls = 0
         self._peak = 0
         self._run = False
 
         def fwd(module, args, output):
             self.rows += int(args[0].shape[0])
+            self.calls += 1
             # a backward pass through the UNet reaches its input (guidance losses need not use its output);
             # direction training needs no input gradient: there the backward starts at the output
             if isinstance(args[0], torch.Tensor) and args[0].requires_grad:
@@ -77,7 +78,7 @@ class Meter:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
             pass
-        self.rows = self.backwards = 0
+        self.rows = self.backwards = self.calls = 0
         self.base = self.proc.memory_info().rss
         self._peak = self.base
         self._run = True
@@ -202,6 +203,43 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
                 "kind": "global", "steps": steps, "edit_until": 0.5, "iterations": 1, "lr": 0.05, "lambda_clip": 0.8,
                 "lambda_recon": -1.0, "hidden": 512, "seed": 0}}}, "train", "seed"),
     }
+
+
+# Gradient-guided methods: measured in each memory mode given with --memory-modes (Z2I GPU Settings node)
+GUIDED = ("pix2pix-zero edit", "pix2pix-zeroCon edit", "AGG (guided", "h-space direction training")
+# Not measured with --batch (the trainer's latent batch is its training set, not a batch of edits)
+NO_BATCH = ("h-space direction training", "DDIM inversion", "CSG content mask")
+
+
+def variants(table: dict, modes: list[str], batch: int) -> dict:
+    """The methods table with, for each guided method, one entry per memory mode (the GPU Settings node after the
+    checkpoint) and, with batch > 1, one entry per method with the example image repeated `batch` times."""
+    out = {}
+    for name, (extra, node, seed) in table.items():
+        guided = name.startswith(GUIDED)
+        for mode in (modes if guided else ["auto"]):
+            label = name if mode == "auto" else f"{name} [memory {mode}]"
+            out[label] = (with_memory(extra, mode), node, seed)
+            if batch > 1 and not name.startswith(NO_BATCH):
+                ex = dict(with_memory(extra, mode))
+                ex["rep"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["scale", 0], "amount": batch}}
+                ex["enc"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["rep", 0], "vae": ["ckpt", 2]}}
+                out[f"{label} [batch {batch}]"] = (ex, node, seed)
+    return out
+
+
+def with_memory(extra: dict, mode: str) -> dict:
+    """extra with a Z2I GPU Settings node (memory `mode`) between the checkpoint and every node of extra using it."""
+    if mode == "auto":
+        return extra
+    ex = {k: {**v, "inputs": dict(v["inputs"])} for k, v in extra.items()}
+    for v in ex.values():
+        for key, val in v["inputs"].items():
+            if val == ["ckpt", 0] or (key == "model" and val == ["ckpt", 0]):
+                v["inputs"][key] = ["gpu", 0]
+    ex["gpu"] = {"class_type": "Z2I_GPUSettings", "inputs": {"model": ["ckpt", 0], "memory": mode,
+                                                             "batch": "batched"}}
+    return ex
 
 
 NOT_IMPLEMENTED: list[str] = []
@@ -369,6 +407,12 @@ def main() -> None:
     ap.add_argument("--methods", default="",
                     help="comma-separated prefixes of the method names to measure (plain DDIM always runs); empty "
                          "for all")
+    ap.add_argument("--memory-modes", default="auto",
+                    help="memory modes of the gradient-guided methods (Z2I GPU Settings): comma-separated of auto, "
+                         "fast, low; auto is the row without the node")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="also measure every method (not the inversion, the mask pass or training) on a batch of "
+                         "this many images, against this many times the batch-1 run")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "benchmark.png",
                     help="with --write: the plot of cost ratio and extra memory against image side")
     ap.add_argument("--write", type=Path, help="also write the results as a markdown table to this file")
@@ -402,10 +446,11 @@ def main() -> None:
         large = size >= LARGE or family != "SD1.5"
         repeats = args.large_repeats if large else args.repeats
         steps = args.large_steps if large else args.steps
-        for name, (extra, node, seed_input) in methods(steps).items():
+        table = variants(methods(steps), [m.strip() for m in args.memory_modes.split(",") if m.strip()], args.batch)
+        for name, (extra, node, seed_input) in table.items():
             if args.only_peer and name != PLAIN:
                 continue
-            if only and name != PLAIN and not name.startswith(tuple(only)):
+            if only and not name.startswith(PLAIN) and not name.startswith(tuple(only)):
                 continue
             if family == "SDXL" and not (name == CSG_CACHED or name.startswith(
                     tuple(m for m in SDXL_METHODS if m != CSG_CACHED))):
@@ -419,7 +464,7 @@ def main() -> None:
             held = None
             if name == CSG_CACHED:
                 held = res.output("mask", 3).nbytes / 2**20
-            times, rows, backs, peaks = [], [], [], []
+            times, rows, backs, peaks, calls = [], [], [], [], []
             if name == PLAIN and repeats == 1:
                 # the denominator of every ratio: one untimed step first, so that it does not carry the one-time
                 # costs of a new size (kernel selection, allocator growth) that the methods' rows then do not
@@ -438,6 +483,7 @@ def main() -> None:
                 m.handle.remove()
                 times.append(m.elapsed)
                 rows.append(m.rows / steps)
+                calls.append(m.calls / steps)
                 backs.append(m.backwards / steps)
                 peaks.append(m.peak_extra / 2**20)
             t = statistics.median(times)
@@ -446,6 +492,7 @@ def main() -> None:
                 plain_time, plain_peak = t, peak
             results.append({"family": family, "size": size, "method": name, "seconds": t, "ratio": t / plain_time,
                             "unet_rows_per_step": statistics.median(rows),
+                            "unet_calls_per_step": statistics.median(calls),
                             "backward_per_step": statistics.median(backs),
                             "peak_extra_mb": peak, "above_plain_mb": peak - plain_peak, "repeats": repeats,
                             "steps": steps,
@@ -497,6 +544,10 @@ def command(args, only_peer=False) -> str:
              f"--large-repeats {args.large_repeats} --sdxl-sizes '{args.sdxl_sizes}' --peer-sizes '{args.peer_sizes}'"]
     if args.methods:
         parts.append(f"--methods '{args.methods}'")
+    if args.memory_modes != "auto":
+        parts.append(f"--memory-modes {args.memory_modes}")
+    if args.batch > 1:
+        parts.append(f"--batch {args.batch}")
     return ("PYTHONPATH=.host/pythonpath .venv/bin/python tools/benchmark.py "
             f"{' '.join(parts)}{extra} --write BENCHMARKS.md")
 
@@ -577,6 +628,43 @@ def peer_markdown(results: list, args) -> list[str]:
     return lines
 
 
+def gpu_markdown(results: list) -> list[str]:
+    """Memory modes (x plain, memory above plain's peak, UNet calls per step) and batch N against N x batch 1."""
+    mine = [r for r in results if "seconds" in r and not r.get("peer")]
+    modal = [r for r in mine if "[memory " in r["method"] or (r["method"].startswith(GUIDED) and "[" not in r["method"])]
+    lines = []
+    if any("[memory " in r["method"] for r in modal):
+        lines += ["", "Memory modes of the gradient-guided methods (Z2I GPU Settings; the row without a mode is "
+                      "auto):", "", "| model | image | method | memory mode | x plain DDIM | UNet calls / step | "
+                      "UNet rows / step | backward / step | above plain sampling's peak |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in modal:
+            if "[batch" in r["method"]:
+                continue
+            name, _, mode = r["method"].partition(" [memory ")
+            lines.append(f"| {r.get('family', 'SD1.5')} | {r['size']} px | {name} | {mode.rstrip(']') or 'auto'} | "
+                         f"{r['ratio']:.2f} | {r.get('unet_calls_per_step', float('nan')):.1f} | "
+                         f"{r['unet_rows_per_step']:.1f} | {r['backward_per_step']:.1f} | "
+                         f"{r.get('above_plain_mb', 0):+.0f} MB |")
+    batched = [r for r in mine if "[batch " in r["method"]]
+    if batched:
+        one = {(r.get("family"), r["size"], r["method"]): r for r in mine}
+        lines += ["", "Batches (the default 'batched' mode: the images of a batch in one UNet call per branch):", "",
+                  "| model | image | method | batch | seconds | batch-1 seconds | batch / (N x batch 1) | UNet calls "
+                  "/ step, batch 1 -> N | UNet rows / step, batch 1 -> N |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in batched:
+            base, _, n = r["method"].rpartition(" [batch ")
+            n = int(n.rstrip("]"))
+            b1 = one.get((r.get("family"), r["size"], base))
+            if b1 is None:
+                continue
+            lines.append(f"| {r.get('family', 'SD1.5')} | {r['size']} px | {base} | {n} | {r['seconds']:.2f} | "
+                         f"{b1['seconds']:.2f} | {r['seconds'] / (n * b1['seconds']):.2f} | "
+                         f"{b1.get('unet_calls_per_step', float('nan')):.1f} -> "
+                         f"{r.get('unet_calls_per_step', float('nan')):.1f} | {b1['unet_rows_per_step']:.1f} -> "
+                         f"{r['unet_rows_per_step']:.1f} |")
+    return lines
+
+
 def write_markdown(path: Path, results: list, args) -> None:
     import torch
     peer = peer_markdown(results, args) if any(r.get("peer") for r in results) else \
@@ -614,6 +702,7 @@ def write_markdown(path: Path, results: list, args) -> None:
                          f"{r['method']} | {r['seconds']:.2f} | "
                          f"{r['ratio']:.2f} | {r['unet_rows_per_step']:.1f} | {r['backward_per_step']:.1f} | "
                          f"{r['peak_extra_mb']:.0f} MB | {r.get('above_plain_mb', 0):+.0f} MB{held} |")
+    lines += gpu_markdown(results)
     lines += ["", "pix2pix-zero keeps the reference branch's cross-attention maps for one step at a time:", "",
               "| image | held (lockstep) | would be held storing every step |", "|---|---|---|"]
     for r in results:
