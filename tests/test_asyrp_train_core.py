@@ -129,3 +129,13 @@ def test_official_optimizer_is_sgd_with_steplr_per_pass():
     assert isinstance(opt, torch.optim.Adam) and sched is None and opt.param_groups[0]["lr"] == 0.05
     assert make_optimizer(SGD_STEPLR, params, lr=0.2)[0].param_groups[0]["lr"] == 0.2
     assert make_optimizer(SGD_STEPLR, params, lr=-1)[0].param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["implicit", "global"])
+def test_trainable_direction_on_the_given_device(kind):
+    """The trained block lives on the model's device (issue 28: it stayed on the CPU, so every UNet call on a GPU
+    copied h to the host and back); its values are drawn on the CPU first, so every device starts the same."""
+    cpu, params = make_trainable(kind, 8, (2, 2), seed=3, hidden=16)
+    meta, mparams = make_trainable(kind, 8, (2, 2), seed=3, hidden=16, device=torch.device("meta"))
+    assert all(p.device.type == "meta" for p in mparams) and all(p.device.type == "cpu" for p in params)
+    assert [p.shape for p in params] == [p.shape for p in mparams]

@@ -133,3 +133,43 @@ def test_noise_sampler_independent_of_device_dtype():
     n1 = seeded_noise_sampler(x, 3)(1.0, 0.5)
     n2 = seeded_noise_sampler(x.double(), 3)(1.0, 0.5)
     assert torch.allclose(n1.double(), n2)
+
+
+class _Reads:
+    """Counts reads of tensor values on the host (item, float, int, bool, tolist): on a GPU each one waits for the
+    device to finish its queue."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.counts = {n: 0 for n in self.NAMES}
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _name=name, _original=original, **k):
+                self.counts[_name] += 1
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def total(self):
+        return sum(self.counts.values())
+
+
+def test_sampling_loops_read_no_device_value_per_step(monkeypatch):
+    """The DDIM and pix2pix-zero loops read their schedule once (one tolist) and no device value per step (issue 28:
+    each such read waits for the GPU; core's own samplers compare `sigmas[i + 1] == 0` once a step): the number of
+    reads is the same for 3 and for 6 steps, and small."""
+    from z2i.guidance.pix2pix_zero import sample_pix2pix_zero
+    den = GaussianDenoiser(0.3, 0.8)
+    x = torch.randn(2, 4, 8, 8) * 14.6
+    reads = _Reads(monkeypatch)
+    for run in (lambda sig: sample_ddim(den, x, sig),
+                lambda sig: sample_pix2pix_zero(x, sig, None, None, lambda xx, s: den(xx, s), lam=0.0)):
+        per = []
+        for sigmas in (torch.tensor([14.6, 4.0, 1.0, 0.0]), torch.tensor([14.6, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0])):
+            reads.counts = {n: 0 for n in reads.NAMES}
+            run(sigmas)
+            per.append(reads.total())
+            assert reads.counts["tolist"] == 1, reads.counts
+        assert per[0] == per[1] <= 3, per
