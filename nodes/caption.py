@@ -110,17 +110,24 @@ class BLIPCaption(io.ComfyNode):
         path = _model_dir(model)
         processor, blip = load_blip(path)
         device = comfy.model_management.get_torch_device()
-        blip.to(device)
+        if device.type != "cpu":      # room for it on the GPU, as the memory manager makes for its own models
+            size = sum(t.numel() * t.element_size() for t in [*blip.parameters(), *blip.buffers()])
+            comfy.model_management.free_memory(1.2 * size + comfy.model_management.minimum_inference_memory(),
+                                               device)
         pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         captions = []
-        for frame in pixels:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            kwargs = {"text": prefix} if prefix.strip() else {}
-            inputs = processor(images=frame, return_tensors="pt", **kwargs).to(device)
-            with torch.inference_mode():
-                ids = blip.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False)
-            captions.append(processor.decode(ids[0], skip_special_tokens=True).strip())
-        blip.to(comfy.model_management.unet_offload_device())
+        blip.to(device)
+        try:
+            for frame in pixels:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                kwargs = {"text": prefix} if prefix.strip() else {}
+                inputs = processor(images=frame, return_tensors="pt", **kwargs).to(device)
+                with torch.inference_mode():
+                    ids = blip.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                        do_sample=False)
+                captions.append(processor.decode(ids[0], skip_special_tokens=True).strip())
+        finally:                      # success, an error, an OOM or Cancel: BLIP never stays on the GPU
+            blip.to(comfy.model_management.unet_offload_device())
         return io.NodeOutput(captions)
 
 

@@ -147,6 +147,33 @@ def test_blip_caption_runs_and_is_deterministic(host, tiny_blip):
     assert a == b
 
 
+def test_blip_goes_back_to_the_offload_device_when_captioning_fails(host, tiny_blip, monkeypatch):
+    """An error (or Cancel) while BLIP generates still moves it back to the offload device (issue 28: it stayed on
+    the GPU after an error). The moves are recorded: on the CPU both devices are the CPU."""
+    import comfy.model_management
+    from transformers import BlipForConditionalGeneration
+    moves = []
+    to = BlipForConditionalGeneration.to
+
+    def record(self, *a, **k):
+        moves.append(a[0] if a else k.get("device"))
+        return to(self, *a, **k)
+
+    def boom(self, *a, **k):
+        raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "to", record)
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", boom)
+    monkeypatch.setattr(comfy.model_management, "unet_offload_device", lambda: "offload-marker")
+    p = {"img": {"class_type": "LoadImage", "inputs": {"image": "z2i_example.png"}},
+         "cap": {"class_type": "Z2I_BLIPCaption", "inputs": {"image": ["img", 0], "model": tiny_blip,
+                                                             "num_beams": 1, "max_new_tokens": 4}}}
+    with pytest.raises(Exception):
+        host.run_prompt(p, targets=["cap"], fresh_cache=True)
+    monkeypatch.undo()
+    assert moves and moves[-1] == "offload-marker", moves
+
+
 def test_blip_missing_model_names_the_folder(host):
     node = host.node_classes["Z2I_BLIPCaption"]
     with pytest.raises(ValueError, match=r"Z2I BLIP Caption: input 'model': no BLIP model 'nope' in .*blip"):
