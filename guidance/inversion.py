@@ -67,6 +67,12 @@ class Trajectory:
     def steps(self) -> int:
         return int(self.sigmas.shape[0]) - 1
 
+    def to(self, device) -> "Trajectory":
+        """The same trajectory with its tensors on `device` (itself when they are there already)."""
+        if all(t.device == torch.device(device) for t in (self.sigmas, self.latents, self.x0, self.eps)):
+            return self
+        return Trajectory(*(t.to(device) for t in (self.sigmas, self.latents, self.x0, self.eps)))
+
     def index_of_sigma(self, sigma: float, rtol: float = 1e-4) -> int:
         """The step whose level equals `sigma` (caches are keyed by level, never by step count)."""
         diffs = (self.sigmas.double() - float(sigma)).abs()

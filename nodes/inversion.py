@@ -1,6 +1,7 @@
 """Z2I_DDIMInversion: a real image's latent -> the noise that DDIM sampling maps back to it."""
 from __future__ import annotations
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -142,7 +143,10 @@ class DDIMInversion(io.ComfyNode):
             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(reg_seed))
         out = {k: v for k, v in latent.items() if k != "samples"}     # a noise_mask (inpainting) travels on
         out["samples"] = noise
-        inversion = Inversion(trajectory=record[0], model=model_signature(model), positive=positive,
+        # the trajectory is a cached node output: it lives where ComfyUI keeps outputs (the CPU on a GPU machine),
+        # not in VRAM across runs; the samplers copy the level they need to the latent's device each step
+        inversion = Inversion(trajectory=record[0].to(comfy.model_management.intermediate_device()),
+                              model=model_signature(model), positive=positive,
                               negative=negative, cfg=float(cfg), variant=VARIANTS[variant],
                               latent_shape=tuple(samples.shape))
         return io.NodeOutput(out, inversion, sigmas)
