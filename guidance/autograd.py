@@ -5,8 +5,8 @@ shared/design/comfyui-internals.md section 3).
 `autograd_parameters(*modules)` swaps each inference-tensor parameter and buffer for a normal tensor for the
 duration of a `with` block and puts the original objects back afterwards, so the shared model is left exactly
 as it was. The normal tensor is a zero-copy alias of the same memory made through DLPack (a tensor rebuilt
-from raw storage carries no inference flag), so no weight is copied; dtypes DLPack cannot carry (e.g. fp8)
-fall back to a copy. The aliases are never written to. Use it around a whole guided run, not per step, over
+from raw storage carries no inference flag), so no weight is copied (fp8 included; a dtype DLPack cannot carry is
+aliased through a byte view, and copied only when that fails too). The aliases are never written to. Use it around a whole guided run, not per step, over
 every network the guided call runs (nodes._host.guided_networks finds them in a sampling run).
 """
 from __future__ import annotations
@@ -19,13 +19,17 @@ import torch.utils.checkpoint
 
 
 def normal_alias(t: torch.Tensor) -> torch.Tensor:
-    """A non-inference tensor sharing t's memory (a copy only when DLPack cannot represent the dtype)."""
-    try:
-        alias = torch.from_dlpack(t.detach())
-        if alias.data_ptr() == t.data_ptr() and not alias.is_inference():
-            return alias
-    except (RuntimeError, TypeError, BufferError):
-        pass
+    """A non-inference tensor sharing t's memory. Through DLPack (fp8 included on torch 2.14); a dtype DLPack cannot
+    carry goes through a byte view of the same memory (still no copy); a copy only when neither works."""
+    for view in (lambda a: a, lambda a: a.view(torch.uint8)):
+        try:
+            alias = torch.from_dlpack(view(t.detach()))
+            if alias.dtype != t.dtype:
+                alias = alias.view(t.dtype)
+            if alias.data_ptr() == t.data_ptr() and not alias.is_inference():
+                return alias
+        except (RuntimeError, TypeError, BufferError):
+            continue
     with torch.inference_mode(False):
         return t.detach().clone()
 

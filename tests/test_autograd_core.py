@@ -121,3 +121,12 @@ def test_checkpointed_honours_when_grad_mode_and_an_existing_instance_forward():
             layer(torch.randn(2, 6), opts)         # no gradients: not even asked
     assert calls == [torch.Size([1, 6])]
     assert layer.forward is theirs                 # their wrapper is put back
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_aliases_share_the_weights_memory_in_every_weight_dtype(dtype):
+    """fp8 weights (UNETLoader weight_dtype fp8) are aliased without a copy too (issue 28): no second UNet in VRAM."""
+    with torch.inference_mode():
+        w = torch.randn(8, 8).to(dtype)
+    a = normal_alias(w)
+    assert not a.is_inference() and a.dtype == dtype and a.data_ptr() == w.data_ptr()
