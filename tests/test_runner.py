@@ -1,6 +1,7 @@
 """The headless runner (`python -m z2i.run`): main job, folders of images, clear failures."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,47 @@ def test_folder_of_images_runs_then_skips(tmp_path):
     (inp / "img3.png").write_bytes(b"this is not a png")
     r3 = run(*args)
     assert r3.returncode == 1 and "img3.png" in r3.stderr and "not a readable image" in r3.stderr
+
+
+def _two_images(folder: Path) -> Path:
+    folder.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (64, 64), color).save(folder / f"img{i}.png")
+    return folder
+
+
+TQDM_LINE = re.compile(r"\d+/\d+ \[[^\]]*\]")          # tqdm's "k/N [elapsed<left, rate]"
+
+
+@pytest.mark.slow
+def test_progress_bars_when_forced(tmp_path):
+    """--progress draws the bars although stderr is a pipe here: the sampler node's, named by its class and id, up
+    to its step count, and the one over the images; the per-image lines and the summary stay as they were."""
+    inp = _two_images(tmp_path / "in")
+    r = run(WF, "--checkpoint", "z2i-tiny-sd15.safetensors", "--input-dir", inp, "--output-dir", tmp_path / "out",
+            "--set", "BasicScheduler.steps=3", "--progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"SamplerCustom #9: +100%\|[^\r\n]*\| 3/3 \[", r.stderr), r.stderr[-3000:]
+    assert re.search(r"SamplerCustom #9: +0%\|[^\r\n]*\| 0/3 \[", r.stderr)
+    assert re.search(r"images: +100%\|[^\r\n]*\| 2/2 \[", r.stderr), r.stderr[-3000:]
+    lines = r.stderr.replace("\r", "\n").splitlines()
+    assert any(re.fullmatch(r"\[1/2\] img0\.png: done \(\d+\.\ds\)", x) for x in lines)
+    assert any(re.fullmatch(r"\[2/2\] img1\.png: done \(\d+\.\ds\)", x) for x in lines)
+    assert "2 run, 0 skipped, 2 images written" in r.stdout and not TQDM_LINE.search(r.stdout)
+
+
+@pytest.mark.slow
+def test_no_progress_bars_when_quiet_or_not_a_terminal(tmp_path):
+    """-q draws no bar, and neither does a run whose stderr is not a terminal (a pipe here) without --progress."""
+    inp = _two_images(tmp_path / "in")
+    args = [WF, "--checkpoint", "z2i-tiny-sd15.safetensors", "--input-dir", inp, "--set", "BasicScheduler.steps=3"]
+    quiet = run(*args, "--output-dir", tmp_path / "q", "-q")
+    piped = run(*args, "--output-dir", tmp_path / "p")
+    for r in (quiet, piped):
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "2 run, 0 skipped, 2 images written" in r.stdout
+        assert "[2/2] img1.png: done" in r.stderr
+        assert not TQDM_LINE.search(r.stderr) and "SamplerCustom #" not in r.stderr, r.stderr[-3000:]
 
 
 def test_unknown_node_is_reported_not_a_traceback(tmp_path):

@@ -760,67 +760,16 @@ def write_markdown(path: Path, results: list, args) -> None:
     lines += [""] + peer + [""]
     path.write_text("\n".join(lines))
     if args.plot:
-        plot(args.plot, mine)
+        plot(args.plot, mine, args, lines)
 
 
-def plot(path: Path, rows: list) -> None:
-    """Cost ratio and memory above plain sampling's peak against image side, one line per method (PIL only)."""
-    from PIL import Image, ImageDraw, ImageFont
-    series: dict = {}
-    for r in rows:
-        if r["method"] == PLAIN:
-            continue
-        key = f"{r['method'].split(' (')[0]}{' (source maps kept)' if r['method'] == CSG_CACHED else ''}" \
-              f"{' [SDXL]' if r.get('family') == 'SDXL' else ''}"
-        series.setdefault(key, []).append((r["size"], r["ratio"], r["above_plain_mb"]))
-    sides = sorted({s for pts in series.values() for s, _, _ in pts})
-    if not sides:
-        return
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (100, 100, 255),
-              (0, 128, 128), (128, 0, 0), (255, 0, 255), (0, 200, 0), (90, 90, 0), (255, 180, 0)]
-    W, H, pad, legend_h = 1280, 560, 70, 18 * ((len(series) + 1) // 2) + 10
-    img = Image.new("RGB", (W, H + legend_h), "white")
-    d = ImageDraw.Draw(img)
-    try:
-        d.font = ImageFont.load_default(size=13)      # Pillow >= 10.1: a scalable font with proper spacing
-    except TypeError:
-        pass
-    import math
-    xs = [math.log2(s) for s in sides]
-    panels = [("x plain DDIM (time)", 1), ("MB above plain sampling's peak", 2)]
-    pw = (W - 4 * pad) // 2
-    for p, (title, idx) in enumerate(panels):
-        x0, y0, x1, y1 = pad + p * (pw + 2 * pad), pad, pad + p * (pw + 2 * pad) + pw, H - pad
-        vals = [pt[idx] for pts in series.values() for pt in pts] + [0.0, 1.0 if idx == 1 else 0.0]
-        lo, hi = min(vals), max(vals)
-        hi = hi if hi > lo else lo + 1
-        fx = lambda v: x0 + (v - xs[0]) / max(xs[-1] - xs[0], 1e-9) * (x1 - x0)  # noqa: E731
-        fy = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)                     # noqa: E731
-        d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        d.text((x0, y0 - 20), title, fill=(0, 0, 0))
-        for s, xv in zip(sides, xs):
-            d.line([fx(xv), y1, fx(xv), y1 + 5], fill=(0, 0, 0))
-            d.text((fx(xv) - 12, y1 + 8), f"{s} px", fill=(0, 0, 0))
-        for k in range(5):
-            v = lo + (hi - lo) * k / 4
-            d.line([x0 - 5, fy(v), x0, fy(v)], fill=(0, 0, 0))
-            d.text((x0 - 55, fy(v) - 6), f"{v:.3g}", fill=(0, 0, 0))
-        if idx == 1 and lo <= 1 <= hi:
-            d.line([x0, fy(1), x1, fy(1)], fill=(200, 200, 200))
-        for c, (name, pts) in enumerate(sorted(series.items())):
-            pts = sorted(pts)
-            line = [(fx(math.log2(s)), fy(pt[idx - 1])) for s, *pt in pts]
-            if len(line) > 1:
-                d.line(line, fill=colors[c % len(colors)], width=2)
-            for x, y in line:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[c % len(colors)])
-    for c, name in enumerate(sorted(series)):
-        lx, ly = pad + (c % 2) * (W // 2), H + (c // 2) * 18
-        d.rectangle([lx, ly + 4, lx + 14, ly + 12], fill=colors[c % len(colors)])
-        d.text((lx + 20, ly), name, fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+def plot(path: Path, rows: list, args, lines: list[str]) -> None:
+    """Cost ratio and memory above plain sampling's peak against image side, one line per method: drawn by
+    tools/plot_benchmark.py (matplotlib, installed into the benchmark's own folder like diffusers), which can also
+    redraw it from the written table; the title names the machine of the markdown's 'Machine:' line."""
+    import plot_benchmark
+    rows = [{**r, "steps": r.get("steps", args.steps)} for r in rows]
+    plot_benchmark.plot(path, rows, plot_benchmark.machine_of("\n".join(lines)))
 
 
 if __name__ == "__main__":
