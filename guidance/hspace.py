@@ -164,4 +164,7 @@ def check_file_header(shapes: dict, metadata: Optional[dict]) -> dict:
         raise ValueError(f"it holds tensors that belong to no part of a direction: {extra[:8]}")
     if len(channels) > 1:
         raise ValueError(f"its parts have different channel counts {sorted(channels)}")
+    said = meta.get("channels")
+    if said is not None and (not _int_in(said, 1, MAX_CHANNELS) or {said} != channels):
+        raise ValueError(f"its meta says {said!r} channels, its tensors have {sorted(channels)}")
     return meta

@@ -124,6 +124,22 @@ def check_latent(model, samples: torch.Tensor, node: str, input_name: str = "lat
                             f"scale the image to at most {8 * side * f} px a side (ImageScale)")
 
 
+def combo_check(cls, node: str, **values):
+    """validate_inputs for a node's Combo inputs: True, or the message of a Z2IInputError naming the node, the
+    input, the value and the choices. ComfyUI checks a V3 Combo's value only in the frontend, so an API prompt (the
+    headless runner, a script) could pass anything and meet a raw error deep inside, or a silent default. List
+    only the Combo inputs in the node's validate_inputs signature: ComfyUI skips its own min/max checks for inputs
+    a validate function takes."""
+    options = {i.id: list(i.options or []) for i in cls.define_schema().inputs if hasattr(i, "options")}
+    for name, value in values.items():
+        choices = options.get(name)
+        if value is None or choices is None or value in choices:
+            continue
+        shown = ", ".join(repr(c) for c in choices[:12]) + (", ..." if len(choices) > 12 else "")
+        return str(Z2IInputError(node, name, f"unknown value {str(value)[:80]!r}", f"use one of {shown}"))
+    return True
+
+
 def check_cond_batch(conditioning, batch: int, node: str, input_name: str) -> None:
     for c in conditioning or []:
         b = c[0].shape[0]
@@ -339,6 +355,24 @@ def check_inversion(node: str, inversion, model, x: torch.Tensor = None, input_n
     if x.shape[0] != inv[0]:
         raise Z2IInputError(node, latent_name, f"the latent holds {x.shape[0]} image(s), the inversion "
                             f"{inv[0]}", "sample the inversion's own noise output (one inversion per batch)")
+
+
+def check_schedule(node: str, inversion, sigmas, input_name: str = "sigmas (of the sampler node)") -> None:
+    """The sampler's schedule is the connected inversion's, reversed: as many steps, every level on the inversion's
+    trajectory. Another step count or scheduler would pair each step with another level's latent or maps: a wrong
+    edit with no error."""
+    from ..guidance.ddim import schedule_levels
+    traj = inversion.trajectory
+    levels = schedule_levels(sigmas)
+    fix = ("connect DDIM Inversion's 'sigmas' output to the sampler node's sigmas (or give both the same steps, "
+           "scheduler and denoise)")
+    if len(levels) - 1 != traj.steps:
+        raise Z2IInputError(node, input_name, f"{len(levels) - 1} steps, the inversion made {traj.steps}", fix)
+    for s in levels[:-1]:
+        try:
+            traj.index_of_sigma(s)
+        except KeyError:
+            raise Z2IInputError(node, input_name, f"sigma {s:.4g} is not on the inversion's schedule", fix) from None
 
 
 def check_sampler_inputs(node: str, model_k, x: torch.Tensor, inversion=None, flow_ok: bool = False) -> None:

@@ -16,7 +16,7 @@ from ._compose import guard_inplace, inpainting, own_rng, per_image_conds, with_
 from ._guided import guided_run, per_image
 from .sampling import INVERSION_TIP
 from .types import InversionType
-from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
+from ._host import check_schedule, combo_check, Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
 
@@ -166,6 +166,8 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
              pair=True, inversion=None):
     node = node or P2PZ
     check_sampler_inputs(node, model, x, inversion, flow_ok=True)
+    if inversion is not None:
+        check_schedule(node, inversion, sigmas)
     extra_args, keep = inpainting(extra_args or {}, inversion, node)
     calls = GuidedCalls(model, extra_args or {}, node, rowwise=per_image(extra_args or {}))
     if not calls.conds("negative"):
@@ -237,6 +239,10 @@ class Pix2PixZeroSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, map_precision=None, guidance_form=None):
+        return combo_check(cls, P2PZ, map_precision=map_precision, guidance_form=guidance_form)
+
+    @classmethod
     def execute(cls, xa_guidance, layers, map_precision, guidance_form=next(iter(FORMS)),
                 inversion=None) -> io.NodeOutput:
         opts = {"xa_guidance": float(xa_guidance), "layers": layers,
@@ -289,6 +295,10 @@ class Pix2PixZeroConSampler(io.ComfyNode):
             outputs=[io.Sampler.Output(display_name="sampler", tooltip=SAMPLER_TIP)],
             is_experimental=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, guidance_form=None):
+        return combo_check(cls, ZEROCON, guidance_form=guidance_form)
 
     @classmethod
     def execute(cls, lambda_step, lambda_c, lambda_e, feature_layers, n_patches, tau, seed, layers,

@@ -20,7 +20,7 @@ from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+from ._host import (combo_check, Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of, is_sd3)
 from .clip_models import ClipLossModelType, image_decoder, ready
@@ -85,6 +85,10 @@ def _asyrp_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, di
     extra_args, keep = inpainting(extra_args or {}, inversion, ASYRP)
     net = middle_block_of(model.inner_model.model_patcher, ASYRP, "model (of the sampler node)", flow_ok=True)
     depth = len(getattr(net, "joint_blocks", []))
+    want = h_channels(net)
+    if want is not None and direction.channels != want:
+        raise Z2IInputError(ASYRP, "direction", f"it has {direction.channels} channels, this model's h-space has "
+                            f"{want}", "derive or train the direction with this model (or load one made for it)")
     hw = tuple(x.shape[-2:])
     base = model.inner_model.inner_model
     ms = base.model_sampling
@@ -153,6 +157,10 @@ class AsyrpSampler(io.ComfyNode):
                                                "inversion's noise as latent_image and its sigmas).")],
             is_experimental=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, unit=None):
+        return combo_check(cls, ASYRP, unit=unit)
 
     @classmethod
     def execute(cls, direction, scale, unit, edit_until, boost_from, inversion=None) -> io.NodeOutput:
@@ -301,6 +309,18 @@ def _train_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, jo
     return x
 
 
+def h_channels(net):
+    """Channels of a diffusion model's h-space: a UNet's middle-block output, an MMDiT's image stream; None if unknown."""
+    if hasattr(net, "joint_blocks"):
+        qkv = getattr(getattr(getattr(net.joint_blocks[0], "x_block", None), "attn", None), "qkv", None)
+        return int(qkv.in_features) if qkv is not None else None
+    ch = None
+    for m in net.middle_block.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            ch = m.out_channels
+    return ch
+
+
 def _h_shape(base, x) -> tuple:
     """Shape of the middle-block output for latents like x: channels of the middle block, size / 2^downsamples."""
     unet = base.diffusion_model
@@ -378,6 +398,10 @@ class HDirectionTrain(io.ComfyNode):
                                               "to check that training went down.")],
             is_experimental=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, kind=None, optimizer=None):
+        return combo_check(cls, TRAIN, kind=kind, optimizer=optimizer)
 
     @classmethod
     def execute(cls, model, vae, clip_loss_model, latent, positive, source_text, target_text, kind, steps,

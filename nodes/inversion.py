@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..guidance.inversion import sample_ddim_invert
 from ..guidance.regularizers import regularize_noise
 from ._compose import own_rng, rows_of
-from ._host import (Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, denoiser_of, interruptible, is_sd3,
+from ._host import (combo_check, Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, denoiser_of, interruptible, is_sd3,
                     model_signature,
                     schedule_sigmas)
 from .types import Inversion, InversionType
@@ -94,6 +94,10 @@ class DDIMInversion(io.ComfyNode):
                                                                 "SamplerCustom's sigmas input."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, scheduler=None, variant=None):
+        return combo_check(cls, NODE, scheduler=scheduler, variant=variant)
 
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, variant, cfg, denoise, refine_iterations,

@@ -1,0 +1,91 @@
+"""Inputs that only an API prompt (the headless runner, a script: no frontend validation) or a hand-made file can
+send (issue 32): refused at queue time or from the file's header, naming the node, the input and the fix, instead of
+a raw error deep inside or a silent default."""
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+
+from z2i.tests import test_asyrp_nodes, test_asyrp_train_nodes, test_pix2pix_zero
+from z2i.tests.test_reliability_files import assert_message, run_error
+
+pytestmark = pytest.mark.host
+
+
+@pytest.mark.parametrize("case", ["scheduler", "variant", "map_precision", "guidance_form", "unit", "kind",
+                                  "optimizer"])
+def test_unknown_combo_values_are_refused_at_queue_time(host, checkpoints, case):
+    """ComfyUI 0.3.75 does not check a V3 Combo's value; before: a raw ValueError (scheduler, unit, kind) or, for
+    map_precision 'fp8', a silent fp32 run."""
+    ck = checkpoints["sd15"]
+    node, key, graph, target = {
+        "scheduler": ("Z2I DDIM Inversion", "inv", test_pix2pix_zero.graph(ck, 0.1), "inv"),
+        "variant": ("Z2I DDIM Inversion", "inv", test_pix2pix_zero.graph(ck, 0.1), "inv"),
+        "map_precision": ("Z2I pix2pix-zero Sampler", "sampler", test_pix2pix_zero.graph(ck, 0.1), "s"),
+        "guidance_form": ("Z2I pix2pix-zero Sampler", "sampler", test_pix2pix_zero.graph(ck, 0.1), "s"),
+        "unit": ("Z2I Asyrp Sampler", "sampler", test_asyrp_nodes.graph(ck), "s"),
+        "kind": ("Z2I Train h-space Direction", "train", test_asyrp_train_nodes.graph(ck), "train"),
+        "optimizer": ("Z2I Train h-space Direction", "train", test_asyrp_train_nodes.graph(ck), "train"),
+    }[case]
+    bad = {"map_precision": "fp8"}.get(case, "nonsense")
+    graph[key]["inputs"][case] = bad
+    err = run_error(host, graph, [target])
+    assert_message(err, node, case, f"unknown value '{bad}'", "use one of")
+
+
+def test_pix2pix_zero_refuses_a_schedule_other_than_its_inversions(host, checkpoints):
+    """The sampler with the inversion connected and sigmas from another step count or scheduler (before: each step
+    silently paired with another level's reference)."""
+    for sched, steps in (("ddim_uniform", 6), ("karras", 4)):
+        p = test_pix2pix_zero.graph(checkpoints["sd15"], 0.1)
+        p["sampler"]["inputs"]["inversion"] = ["inv", 1]
+        p["sig"] = {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": sched,
+                                                             "steps": steps, "denoise": 1.0}}
+        p["s"]["inputs"]["sigmas"] = ["sig", 0]
+        err = run_error(host, p, ["s"])
+        assert_message(err, "Z2I pix2pix-zero Sampler", "sigmas (of the sampler node)",
+                       "steps, the inversion made 4" if steps != 4 else "is not on the inversion's schedule",
+                       "connect DDIM Inversion's 'sigmas' output")
+    ok = test_pix2pix_zero.graph(checkpoints["sd15"], 0.1)
+    ok["sampler"]["inputs"]["inversion"] = ["inv", 1]
+    assert torch.isfinite(host.run_prompt(ok, targets=["s"]).output("s", 0)["samples"]).all()
+
+
+def _direction_file(host, name, channels, meta_channels):
+    import folder_paths
+    from z2i.guidance.asyrp import FORMAT
+    folder = folder_paths.get_folder_paths("h_directions")[0]
+    os.makedirs(folder, exist_ok=True)
+    meta = {"family": "SD15", "channels": meta_channels, "mode": "derived", "spatial": [1, 1], "steps": None}
+    safetensors.torch.save_file({"delta": torch.zeros(1, channels, 1, 1)}, os.path.join(folder, name),
+                                metadata={"format": FORMAT, "implicit": "[]", "meta": json.dumps(meta)})
+    return os.path.join(folder, name)
+
+
+@pytest.fixture
+def cleanup_files():
+    made = []
+    yield made
+    for path in made:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def test_h_direction_channels_are_checked(host, checkpoints, cleanup_files):
+    """A 7-channel direction: refused from the header when its meta says otherwise; when it says 7 too, the Asyrp
+    Sampler names the mismatch with the model's h-space (before: loaded, then a raw error while sampling)."""
+    cleanup_files.append(_direction_file(host, "z2i_test_7ch_lied.safetensors", 7, 1280))
+    lied = os.path.basename(cleanup_files[-1])
+    err = run_error(host, {"load": {"class_type": "Z2I_LoadHDirection", "inputs": {"name": lied}}}, ["load"])
+    assert "Z2I_LoadHDirection" in err or "h-space" in err
+    assert "its meta says 1280 channels, its tensors have [7]" in err, err
+    cleanup_files.append(_direction_file(host, "z2i_test_7ch.safetensors", 7, 7))
+    honest = os.path.basename(cleanup_files[-1])
+    p = test_asyrp_nodes.graph(checkpoints["sd15"])
+    p["load"] = {"class_type": "Z2I_LoadHDirection", "inputs": {"name": honest}}
+    p["sampler"]["inputs"]["direction"] = ["load", 0]
+    err = run_error(host, p, ["s"])
+    assert_message(err, "Z2I Asyrp Sampler", "direction", "it has 7 channels, this model's h-space has 320",
+                   "derive or train the direction with this model")
