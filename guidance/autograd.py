@@ -74,6 +74,21 @@ def autograd_parameters(*modules: torch.nn.Module):
             table[name] = original
 
 
+@contextmanager
+def checked_backward(check):
+    """Inside the block, tensors saved for a backward pass get an unpack hook that calls check() each time the
+    backward pass takes one back (check raises to stop it: ComfyUI's Cancel). A forward is interruptible between
+    ops (ComfyUI's ops check the flag), a backward pass would otherwise run to its end: through a large UNet that
+    is as long as the forward. Layers checkpointed by torch.utils.checkpoint keep their own hooks (their
+    recomputation runs the checked forward)."""
+    def unpack(t):
+        check()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+        yield
+
+
 # --- gradients through half-precision networks ----------------------------------------------------------------------
 
 class LossScaler:

@@ -26,7 +26,7 @@ import torch
 from ..attention_patches.controller import attn1_replace, attn2_replace, over
 from ..attention_patches.features import attn1_output_capture
 from ..attention_patches.joint import is_own as joint_own
-from ..guidance.autograd import autograd_parameters, checkpointed
+from ..guidance.autograd import autograd_parameters, checked_backward, checkpointed
 
 _OWN = (attn1_replace, attn2_replace, attn1_output_capture)     # Z2I's own patches save maps it needs as they are
 GUARDED = "_z2i_inplace_guarded"
@@ -98,12 +98,14 @@ def checkpoint_layers(nets) -> list:
 def gradients_through(nets, checkpoint: bool = True):
     """Backward passes through `nets` (the UNet and what runs with it, a VAE, open_clip) inside the block: their
     inference-mode weights aliased for autograd (guidance.autograd.autograd_parameters), fp8 linear layers on
-    their upcasting path (fp8_upcast), and with `checkpoint` (memory mode low) the activations of their large
+    their upcasting path (fp8_upcast), the backward pass stoppable by Cancel (checked_backward), and with `checkpoint` (memory mode low) the activations of their large
     layers recomputed instead of kept (CHECKPOINT_POSITIONS). Entered by nodes._guided.guided_run, the one entry
     point of every guided sampler and trainer, after every network is loaded, so a fix here reaches every method."""
+    import comfy.model_management
     with ExitStack() as stack:
         stack.enter_context(autograd_parameters(*nets))
         stack.enter_context(fp8_upcast(nets))
+        stack.enter_context(checked_backward(comfy.model_management.throw_exception_if_processing_interrupted))
         if checkpoint:
             stack.enter_context(checkpointed(checkpoint_layers(nets), when=_large))
         yield
