@@ -128,6 +128,49 @@ def choose_mode(memory: str, fast_bytes: int, free_bytes: int) -> str:
     return "fast" if fast_bytes <= 0.8 * free_bytes else "low"
 
 
+# -- the size guard ------------------------------------------------------------------------------------------------
+def available_memory(device, keep=()) -> int:
+    """Memory a run can have on `device`: what is free plus what ComfyUI would free by offloading models other than
+    `keep` (ModelPatchers); on the CPU the process's available RAM (ComfyUI's get_free_memory)."""
+    import comfy.model_management as mm
+    free = int(mm.get_free_memory(device))
+    if getattr(device, "type", "cpu") == "cpu":
+        return free
+    for lm in list(getattr(mm, "current_loaded_models", [])):
+        try:
+            if lm.device == device and not any(lm.model is k for k in keep):
+                free += int(lm.model_loaded_memory())
+        except (AttributeError, TypeError):
+            continue
+    return free
+
+
+def check_fits(node: str, base, x: torch.Tensor, rows: int, extra_bytes: int = 0, keep=(),
+               input_name: str = "latent_image (of the sampler node)", what: str = "") -> None:
+    """Refuse, before any work, a latent whose UNet calls cannot fit the memory at hand: one call of `rows` rows
+    (ComfyUI's own estimate, BaseModel.memory_required) plus `extra_bytes` (a guided call's activations, a mask
+    pass's maps) against available_memory. The message names the node, the size, the estimate, what is free and the
+    largest image side that fits (memory grows about linearly with the latent's positions)."""
+    import math
+
+    import comfy.model_management as mm
+
+    from ._host import Z2IInputError
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    need = int(base.memory_required([rows, *x.shape[1:]])) + int(extra_bytes)
+    have = available_memory(mm.get_torch_device(), keep)
+    if need <= have:
+        return
+    side = 8 * max(h, w)
+    fits = int(side * math.sqrt(max(have, 0) / need) // 64 * 64)
+    gb = 2 ** 30
+    fix = (f"scale the image to at most {fits} px a side (ImageScale), or edit fewer images per batch (GPU "
+           "Settings: batch 'per image'), or free memory") if fits >= 64 else \
+        "free memory (close other programs or models): not even a 64 px image fits now"
+    raise Z2IInputError(node, input_name, f"a {8 * w}x{8 * h} px image ({w}x{h} latent, {rows} UNet row(s) per "
+                        f"call{what}) needs about {need / gb:.2f} GB, and {have / gb:.2f} GB is available", fix)
+
+
 # -- loading, refusals and the run ---------------------------------------------------------------------------------
 def _weight_dtypes(nets) -> set:
     out = set()
@@ -231,6 +274,9 @@ def guided_run(model, extra_args: dict, x: torch.Tensor, node: str, rows: int = 
     low = guided_bytes(base.diffusion_model, hw, batch, dtype, checkpoint=True,
                        checkpoint_positions=_compose.CHECKPOINT_POSITIONS)
     want = low if settings["memory"] == "low" else fast
+    keep = [patcher, *control_patchers(model), *[h.patcher for h in helpers]]
+    check_fits(node, base, x[:batch], batch * rows, extra_bytes=low if settings["memory"] != "fast" else fast,
+               keep=keep, what=f", memory mode {'fast' if settings['memory'] == 'fast' else 'low'}")
     if _aliasing():
         raise RuntimeError(f"{node}: a guided run started inside another one (weights are aliased)")
     mm.load_models_gpu([patcher, *control_patchers(model), *[h.patcher for h in helpers]], memory_required=want,

@@ -394,6 +394,7 @@ class Z2IKSampler(comfy.samplers.KSAMPLER):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
+        self.check_size(model_wrap, noise, extra_args)
         ms = model_wrap.inner_model.model_sampling
         flow = noise_form_of(ms) is FLOW
         top_in = flow and latent_image is not None and float(sigmas[0]) >= 1.0 and not bool(noise.any())
@@ -411,3 +412,14 @@ class Z2IKSampler(comfy.samplers.KSAMPLER):
         out = self.sampler_function(model_k, x, sigmas, extra_args=extra_args, callback=k_callback,
                                     disable=disable_pbar, **self.extra_options)
         return out if top_out else ms.inverse_noise_scaling(sigmas[-1], out)
+
+    def check_size(self, guider, x, extra_args) -> None:
+        """The size guard (nodes._guided.check_fits) for one UNet call of this run: the batch (one image in 'per image'
+        mode) times 2 for CFG, before the first step. The guided samplers check their guided calls again."""
+        from ._guided import check_fits, per_image
+        if x.ndim != 4 or not hasattr(getattr(guider, "inner_model", None), "memory_required"):
+            return
+        node = self.extra_options.get("node") or getattr(self.sampler_function, "z2i_node", "Z2I sampler")
+        rows = (1 if per_image(extra_args or {}) else int(x.shape[0])) * (1 if float(guider.cfg) == 1.0 else 2)
+        check_fits(node, guider.inner_model, x, rows, keep=[guider.model_patcher],
+                   input_name=getattr(self.sampler_function, "z2i_input", "latent_image (of the sampler node)"))

@@ -170,4 +170,6 @@ class AGGSampler(io.ComfyNode):
             "eta": float(eta), "style": style}))
 
 
+_agg_fn.z2i_node = NODE                 # named by the size guard (Z2IKSampler.check_size)
+
 NODES = [AGGSampler]

@@ -316,4 +316,6 @@ def _form(node: str, value: str) -> str:
     return FORMS[value]
 
 
+_p2pz_fn.z2i_node = P2PZ                 # named by the size guard (Z2IKSampler.check_size)
+
 NODES = [Pix2PixZeroSampler, Pix2PixZeroConSampler]

@@ -539,4 +539,8 @@ class CSGSampler(io.ComfyNode):
             "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard), "source_maps": source_maps}))
 
 
+_mask_fn.z2i_node = MASK_NODE                 # named by the size guard (Z2IKSampler.check_size)
+_mask_fn.z2i_input = "inversion"
+_csg_fn.z2i_node = CSG_NODE                 # named by the size guard (Z2IKSampler.check_size)
+
 NODES = [CSGMask, CrossAttentionMixup, CSGSampler]

@@ -560,4 +560,10 @@ def _load_fix() -> str:
             f"{folder_paths.get_folder_paths(H_DIRS)[0]}")
 
 
+_asyrp_fn.z2i_node = ASYRP                 # named by the size guard (Z2IKSampler.check_size)
+_derive_fn.z2i_node = DERIVE                 # named by the size guard (Z2IKSampler.check_size)
+_derive_fn.z2i_input = "inversion"
+_train_fn.z2i_node = TRAIN                 # named by the size guard (Z2IKSampler.check_size)
+_train_fn.z2i_input = "latent"
+
 NODES = [AsyrpSampler, HDirectionFromPrompts, HDirectionTrain, HDirectionCombine, SaveHDirection, LoadHDirection]

@@ -156,4 +156,7 @@ class DDIMInversion(io.ComfyNode):
         return io.NodeOutput(out, inversion, sigmas)
 
 
+_invert_fn.z2i_node = NODE                 # named by the size guard (Z2IKSampler.check_size)
+_invert_fn.z2i_input = "latent"
+
 NODES = [DDIMInversion]

@@ -55,4 +55,6 @@ class DDIMSampler(io.ComfyNode):
                                                                                      "inversion": inversion}))
 
 
+_ddim_sampler_fn.z2i_node = NODE                 # named by the size guard (Z2IKSampler.check_size)
+
 NODES = [DDIMSampler]

@@ -89,3 +89,33 @@ def test_h_direction_channels_are_checked(host, checkpoints, cleanup_files):
     err = run_error(host, p, ["s"])
     assert_message(err, "Z2I Asyrp Sampler", "direction", "it has 7 channels, this model's h-space has 320",
                    "derive or train the direction with this model")
+
+
+def _large(p, side):
+    p["scale"]["inputs"].update(width=side, height=side)
+    return p
+
+
+def test_size_guard_names_node_size_estimate_and_what_fits(host, checkpoints, monkeypatch):
+    """Before any UNet call, a latent whose calls cannot fit the memory at hand is refused (issue 32: a 4096 px image
+    ran the first inversion call for tens of minutes, or tried a 20 GiB allocation). The free memory is what ComfyUI
+    reports (monkeypatched to 100 MB here); the need is ComfyUI's own estimate of one call (BaseModel.memory_required:
+    about 0.6 GB at 512 px in fp32 on the CPU), and the largest side that fits scales with sqrt(free / need)."""
+    import math
+
+    import comfy.model_management
+    p = _large(test_pix2pix_zero.graph(checkpoints["sd15"], 0.1, steps=2), 512)
+    res = host.run_prompt(p, targets=["enc", "edit", "ckpt"])
+    need = res.output("ckpt", 0).model.memory_required([1, 4, 64, 64])
+    fits = int(512 * math.sqrt(100 * 2 ** 20 / need) // 64 * 64)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 100 * 2 ** 20)
+    err = run_error(host, p, ["inv"])
+    assert_message(err, "Z2I DDIM Inversion", "latent", "a 512x512 px image (64x64 latent, 1 UNet row(s) per call)",
+                   f"scale the image to at most {fits} px a side")
+    assert f"needs about {need / 2 ** 30:.2f} GB, and 0.10 GB is available" in err, err
+    monkeypatch.undo()
+    host.run_prompt(p, targets=["inv"])                                     # fits with the real free memory
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 2 * need)
+    err = run_error(host, p, ["s"])        # a plain call would fit; with the guided call's activations it does not
+    assert_message(err, "Z2I pix2pix-zero Sampler", "latent_image (of the sampler node)",
+                   "memory mode low) needs about", "at most")
