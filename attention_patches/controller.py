@@ -45,6 +45,9 @@ class AttentionController:
     # layer's output with the host's attention kernel, so a [b, heads, N, N] self-attention map at a large layer
     # is never held (N = 4096 at 512 px: 0.5 GB per map in fp32 for 8 heads, against 64 MB for the mean).
     head_mean_only = False
+    # reads_qk: the controller only needs the layer's queries and keys (process_qk), e.g. to apply the head-averaged
+    # map to a vector without building it; the layer's output then comes from the host's kernel
+    reads_qk = False
 
     def process(self, probs: torch.Tensor, site: Site, cond_index: int, call: "AttentionCall") -> torch.Tensor:
         return probs
@@ -316,6 +319,11 @@ def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=Non
     if not controllers:
         return plain()
     cou = list(extra_options.get("cond_or_uncond") or [0])
+    if all(c.reads_qk for c in controllers):
+        for cond_index, qc, kc in zip(cou, q.chunk(len(cou)), k.chunk(len(cou))):
+            for c in controllers:
+                c.process_qk(qc, kc, heads, site, cond_index, call)
+        return plain()
     if all(c.head_mean_only for c in controllers):
         hand_means(head_mean(q, k, heads), cou, controllers, site, call)
         return plain()

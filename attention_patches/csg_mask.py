@@ -110,6 +110,68 @@ class SelfAttentionMean(AttentionController):
         return self.total / self.steps
 
 
+class SelfAttentionSmoothing(AttentionController):
+    """The linear-memory form of SelfAttentionMean + content_mask, for large latents: given the word map M_bar
+    (known after a first pass), it accumulates A_t @ M_bar at the layer SelfAttentionMean found (site, hw), one head
+    and a block of queries at a time (probs.head_mean_apply), and mean() is mean_t(A_t @ M_bar) = A_bar @ M_bar,
+    Eq. 11 without the [HW, HW] map: memory linear in the positions (CSG's map at 128x128 latent positions is 1 GiB
+    in fp32; its smoothing here a few MB). The content mask is content_mask(M_bar, None) of this mean."""
+
+    reads_qk = True
+
+    def __init__(self, site: Site, hw: tuple[int, int], word_map: torch.Tensor, cond: int = 0, chunk: int = 1024):
+        self.site, self.hw, self.cond, self.chunk = site, tuple(hw), cond, chunk
+        self.m = word_map.reshape(word_map.shape[0], -1, 1).float()      # [b, HW, 1]
+        self.total: Optional[torch.Tensor] = None
+        self.steps = 0
+        self._current: dict[int, torch.Tensor] = {}
+
+    def wants(self, site: Site, hw: tuple[int, int], call: AttentionCall) -> bool:
+        return site == self.site and tuple(hw) == self.hw
+
+    def process_qk(self, q, k, heads, site: Site, cond_index: int, call: AttentionCall) -> None:
+        if cond_index != self.cond or not self.wants(site, call_hw(call, q.shape[1]), call):
+            return
+        m = self.m.to(q.device)
+        if m.shape[0] != q.shape[0]:
+            rows = call.row if getattr(call, "row", None) is not None else None
+            m = m[rows:rows + 1] if rows is not None else m.expand(q.shape[0], -1, -1)
+        from .probs import head_mean_apply
+        self._current[call.step] = head_mean_apply(q, k, heads, m, self.chunk)[..., 0]
+
+    def end_step(self, step: int) -> None:
+        s = self._current.pop(step, None)
+        if s is None:
+            return
+        self.total = s if self.total is None else self.total + s
+        self.steps += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise ValueError(f"no self-attention was seen at {self.site}")
+        return (self.total / self.steps).reshape(-1, *self.hw)
+
+
+class LayerProbe(AttentionController):
+    """Finds the layer SelfAttentionMean would use (the finest decoder layer at most `hw`) from queries and keys
+    alone, without computing any map: site and hw after the first call that has one."""
+
+    reads_qk = True
+
+    def __init__(self, hw: tuple[int, int]):
+        self.target = tuple(hw)
+        self.site: Optional[Site] = None
+        self.hw: Optional[tuple] = None
+
+    def wants(self, site: Site, hw: tuple[int, int], call: AttentionCall) -> bool:
+        return site.block in ("output", "joint") and hw[0] <= self.target[0] and hw[1] <= self.target[1]
+
+    def process_qk(self, q, k, heads, site: Site, cond_index: int, call: AttentionCall) -> None:
+        hw = call_hw(call, q.shape[1])
+        if self.hw is None or hw[0] * hw[1] >= self.hw[0] * self.hw[1]:
+            self.site, self.hw = site, tuple(hw)
+
+
 def content_mask(token_mean: torch.Tensor, self_attention: Optional[torch.Tensor]) -> torch.Tensor:
     """Eq. 11: M_hat[h, w] = sum_{h', w'} A[h, w, h', w'] M[h', w'] -> [B, H, W] in [0, 1]."""
     b, h, w = token_mean.shape

@@ -81,3 +81,21 @@ def match_tokens(m: torch.Tensor, n: int, like: torch.Tensor = None) -> torch.Te
     if like is not None and is_periodic(like, k):
         return m.repeat(*([1] * (m.ndim - 1)), n // k) / (n // k)
     return torch.nn.functional.pad(m, (0, n - k))
+
+
+def head_mean_apply(q: torch.Tensor, k: torch.Tensor, heads: int, m: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """head_mean(q, k, heads) @ m without the [Nq, Nk] map: for m [b, Nk, c] -> [b, Nq, c] in float32, one head and
+    `chunk` queries at a time (memory linear in the token counts: a [chunk, Nk] block at a time). Equal to
+    head_mean(q, k, heads) @ m to float rounding (the same softmax, summed in another order)."""
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    m = m.float()
+    out = None
+    for h in range(heads):
+        kt = kh[:, h].float().transpose(-1, -2)
+        parts = [torch.softmax(qh[:, h, i:i + chunk].float() @ kt * scale, dim=-1) @ m
+                 for i in range(0, qh.shape[2], chunk)]
+        part = torch.cat(parts, dim=1)
+        out = part if out is None else out.add_(part)
+    return out.div_(heads)
+

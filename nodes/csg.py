@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..attention_patches.controller import AttentionCall, AttentionController, Capture, MapStore, Mixup, attn2_replace, over
-from ..attention_patches.csg_mask import SelfAttentionMean, TokenMapMean, content_mask
+from ..attention_patches.csg_mask import (LayerProbe, SelfAttentionMean, SelfAttentionSmoothing, TokenMapMean,
+                                          content_mask)
 from ..attention_patches.joint import OVERRIDE, foreign_joint_patches, is_own as joint_own, with_joint_patches
 from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
@@ -32,6 +33,7 @@ MIXUP_KEY = "z2i_mixup"
 NORMALISE_CODE, NORMALISE_NONE = "per layer (official code)", "none (paper Eq. 13)"
 KEEP_AUTO, KEEP_ALWAYS, KEEP_NEVER = "auto (keep up to 1 GB)", "keep", "don't keep"
 KEEP_BUDGET = 1 << 30          # bytes of source maps "auto" keeps (the maps of every step, every layer)
+SA_BUDGET = 256 << 20          # bytes of the mask's [HW, HW] self-attention map above which it is never built
 KEEP_FP16, KEEP_FP32 = "fp16 (half the memory)", "fp32 (as the source row)"
 KEEP_DTYPES = {KEEP_FP16: torch.float16, KEEP_FP32: torch.float32}
 
@@ -204,8 +206,11 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
     steps = len(sigmas) - 1
     # The source maps for the CSG Sampler's mixup: every step's caption maps, as its lockstep source row makes them
     store = MapStore(conds=(0,), max_steps=steps, dtype=keep_dtype) if keep != KEEP_NEVER else None
+    # the [HW, HW] self-attention map grows with the square of the positions (1 GiB at a 128x128 mask in fp32):
+    # above SA_BUDGET the smoothing runs as a second pass in linear memory (SelfAttentionSmoothing)
+    two_pass = not calls.joint and (mask_hw[0] * mask_hw[1]) ** 2 * 4 > SA_BUDGET
     for part, rows in enumerate(parts):
-        sa = SelfAttentionMean(mask_hw)
+        sa = LayerProbe(mask_hw) if two_pass else SelfAttentionMean(mask_hw)
         # First pass finds the self-attention resolution actually available (SDXL has none at full latent size).
         tm = None
         for i in range(steps):
@@ -222,14 +227,25 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
                     logging.info("%s: the source maps would take %.0f MB (more than %.0f MB): not kept; the CSG "
                                  "Sampler runs its source row instead", MASK_NODE, need / 2**20, budget / 2**20)
                     store = None
-            sa.end_step(i)
+            if not two_pass:
+                sa.end_step(i)
             if tm is None:
                 tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw)
                 denoise(xi, sigma, AttentionCall(i, [tm]))
             tm.end_step(i)
             cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
         word_maps.append(tm.mean())
-        smoothed.append(content_mask(tm.mean(), sa.mean() if sa.total is not None else None))
+        if two_pass and sa.site is not None:
+            sm = SelfAttentionSmoothing(sa.site, sa.hw, tm.mean())
+            for i in range(steps):
+                sigma = sigmas[i]
+                xi = traj.latents[traj.index_of_sigma(float(sigma))][rows].to(x)
+                d = denoise(xi, sigma, AttentionCall(i, []), AttentionCall(i, [sm]))
+                sm.end_step(i)
+                cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
+            smoothed.append(content_mask(sm.mean(), None))
+        else:
+            smoothed.append(content_mask(tm.mean(), sa.mean() if getattr(sa, "total", None) is not None else None))
     maps = None
     if store is not None:
         maps = CSGSourceMaps(store, tuple(float(s) for s in sigmas[:-1]), x.shape[0],

@@ -165,3 +165,14 @@ def test_csg_step_clamps_per_image():
     none = csg_step(x, 0.2, 0.1, d, x_src, om, clamp=False)
     first = csg_step(x, 0.2, 0.1, d, x_src, om, clamp=torch.tensor([True, False]))
     assert torch.equal(first[0], both[0]) and torch.equal(first[1], none[1]) and not torch.equal(both, none)
+
+
+def test_head_mean_apply_equals_the_map_times_the_vector():
+    """probs.head_mean_apply (linear memory, query blocks) against head_mean(q, k) @ m (the [Nq, Nk] map)."""
+    from z2i.attention_patches.probs import head_mean, head_mean_apply
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 300, 64, generator=g), torch.randn(2, 300, 64, generator=g)
+    m = torch.rand(2, 300, 1, generator=g)
+    ref = head_mean(q, k, 4) @ m
+    got = head_mean_apply(q, k, 4, m, chunk=64)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
