@@ -98,8 +98,9 @@ def checkpoint_layers(nets) -> list:
 def gradients_through(nets, checkpoint: bool = True):
     """Backward passes through `nets` (the UNet and what runs with it, a VAE, open_clip) inside the block: their
     inference-mode weights aliased for autograd (guidance.autograd.autograd_parameters), fp8 linear layers on
-    their upcasting path (fp8_upcast), the backward pass stoppable by Cancel (checked_backward), and with `checkpoint` (memory mode low) the activations of their large
-    layers recomputed instead of kept (CHECKPOINT_POSITIONS). Entered by nodes._guided.guided_run, the one entry
+    their upcasting path (fp8_upcast), the backward pass stoppable by Cancel (checked_backward), and with
+    `checkpoint` (memory mode low) the activations of their large layers recomputed instead of kept
+    (CHECKPOINT_POSITIONS). Entered by nodes._guided.guided_run, the one entry
     point of every guided sampler and trainer, after every network is loaded, so a fix here reaches every method."""
     import comfy.model_management
     with ExitStack() as stack:

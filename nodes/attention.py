@@ -60,6 +60,18 @@ class GuidedCalls:
     def conds(self, name: str):
         return self.guider.conds.get(name)
 
+    def refuse_masked(self, node: str, *names: str) -> None:
+        """Region masks in the conditioning (ConditioningSetMask) are refused by name: core evaluates each masked
+        region as its own row and blends them, so the maps of a masked prompt are one set per region, which the
+        guidance would compare with the caption's single set (a broadcast, wrong edit; an error with a batch)."""
+        for name in names:
+            if any("mask" in e for e in (self.conds(name) or [])):
+                raise Z2IInputError(node, f"{name} (of the sampler node)", "the prompt carries a region mask "
+                                    "(ConditioningSetMask), which this sampler's attention guidance cannot split "
+                                    "by region", "use prompts without region masks; to edit one region, put the "
+                                    "mask on the latent (Set Latent Noise Mask) and connect DDIM Inversion's "
+                                    "inversion to the sampler, which keeps the rest of the image")
+
     def denoise_one(self, cond_name: str):
         conds = self.conds(cond_name)
 
@@ -170,6 +182,7 @@ def _p2pz_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, xa_
         check_schedule(node, inversion, sigmas)
     extra_args, keep = inpainting(extra_args or {}, inversion, node)
     calls = GuidedCalls(model, extra_args or {}, node, rowwise=per_image(extra_args or {}))
+    calls.refuse_masked(node, "positive", "negative")
     if not calls.conds("negative"):
         raise Z2IInputError(node, "negative (of the sampler node)", "no negative conditioning",
                             "connect the source caption as the negative prompt, as pix2pix-zero does")

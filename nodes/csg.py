@@ -438,6 +438,8 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
         elif foreign_attn2_sites(mo, cross_attention_sites(net)):
             extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, cross_attention_sites(net))}
     calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=per_image(extra_args)) if spec is not None else None
+    if calls is not None:
+        calls.refuse_masked(CSG_NODE, "positive", "negative")
     rows = rows_of(model, extra_args)      # the batch in one call, or each image as alone (batch "per image")
     store = MapStore(conds=(0,), max_steps=1)
     source = calls.denoise_one("negative") if calls is not None else None

@@ -20,7 +20,8 @@ from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model
 from ..guidance.hspace import (HSPACE_KEY, HCall, check_file_header, check_file_tensors,
                                hspace_middle_block_after_patch, hspace_output_block_patch)
 from ..guidance.inversion import sample_ddim_invert
-from ._host import (combo_check, Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
+                    combo_check,
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
                     save_name_error, save_unique, schedule_sigmas, unet_of, is_sd3)
 from .clip_models import ClipLossModelType, image_decoder, ready

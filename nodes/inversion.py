@@ -12,7 +12,8 @@ from comfy_api.latest import io
 from ..guidance.inversion import sample_ddim_invert
 from ..guidance.regularizers import regularize_noise
 from ._compose import own_rng, rows_of
-from ._host import (combo_check, Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, denoiser_of, interruptible, is_sd3,
+from ._host import (Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, combo_check, denoiser_of,
+                    interruptible, is_sd3,
                     model_signature,
                     schedule_sigmas)
 from .types import Inversion, InversionType

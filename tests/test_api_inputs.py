@@ -35,6 +35,7 @@ def test_unknown_combo_values_are_refused_at_queue_time(host, checkpoints, case)
     assert_message(err, node, case, f"unknown value '{bad}'", "use one of")
 
 
+@pytest.mark.once
 def test_pix2pix_zero_refuses_a_schedule_other_than_its_inversions(host, checkpoints):
     """The sampler with the inversion connected and sigmas from another step count or scheduler (before: each step
     silently paired with another level's reference)."""
@@ -73,6 +74,7 @@ def cleanup_files():
             os.remove(path)
 
 
+@pytest.mark.once
 def test_h_direction_channels_are_checked(host, checkpoints, cleanup_files):
     """A 7-channel direction: refused from the header when its meta says otherwise; when it says 7 too, the Asyrp
     Sampler names the mismatch with the model's h-space (before: loaded, then a raw error while sampling)."""
@@ -119,3 +121,27 @@ def test_size_guard_names_node_size_estimate_and_what_fits(host, checkpoints, mo
     err = run_error(host, p, ["s"])        # a plain call would fit; with the guided call's activations it does not
     assert_message(err, "Z2I pix2pix-zero Sampler", "latent_image (of the sampler node)",
                    "memory mode low) needs about", "at most")
+
+
+@pytest.mark.parametrize("sampler", ["pix2pix-zero", pytest.param("zeroCon", marks=pytest.mark.once),
+                                     pytest.param("pix2pix-zero batch 2", marks=pytest.mark.once)])
+def test_region_masked_prompts_are_refused_by_name(host, checkpoints, sampler):
+    """ConditioningSetMask (regional prompts) with the attention-guided samplers (issue 32: pix2pix-zero gave a
+    silently wrong edit, two edit rows against one reference row, and crashed with a batch of two; zeroCon raised an
+    IndexError): refused, naming the sampler, the input and the alternative."""
+    from z2i.tests.helpers import two_image_batch
+    p = test_pix2pix_zero.graph(checkpoints["sd15"], 0.1)
+    if sampler == "zeroCon":
+        p["sampler"] = dict(test_pix2pix_zero.ZEROCON)
+    if sampler.endswith("batch 2"):
+        p = two_image_batch(p, "ab", batch="batched")
+    p["solid"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}}
+    p["region"] = {"class_type": "ConditioningSetMask", "inputs": {
+        "conditioning": ["edit", 0], "mask": ["solid", 0], "set_cond_area": "default", "strength": 1.0}}
+    p["both"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["region", 0],
+                                                                 "conditioning_2": ["pos", 0]}}
+    p["s"]["inputs"]["positive"] = ["both", 0]
+    err = run_error(host, p, ["s"])
+    node = "Z2I pix2pix-zeroCon Sampler" if sampler == "zeroCon" else "Z2I pix2pix-zero Sampler"
+    assert_message(err, node, "positive (of the sampler node)", "carries a region mask (ConditioningSetMask)",
+                   "Set Latent Noise Mask")

@@ -20,8 +20,10 @@ def _layers(unet):
     return [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
 
 
-@pytest.mark.parametrize("method,ordinal", [("pix2pix-zero", 3), ("pix2pix-zero", 30), ("inversion", 20),
-                                            ("AGG", 45)])
+@pytest.mark.parametrize("method,ordinal", [("pix2pix-zero", 3),
+                                            pytest.param("pix2pix-zero", 30, marks=pytest.mark.once),
+                                            pytest.param("inversion", 20, marks=pytest.mark.once),
+                                            pytest.param("AGG", 45, marks=pytest.mark.once)])
 def test_cancel_stops_the_unet_call_within_one_layer(host, checkpoints, method, ordinal):
     import comfy.model_management
     from z2i.headless.host import PromptInterrupted
@@ -59,7 +61,7 @@ def test_cancel_stops_the_unet_call_within_one_layer(host, checkpoints, method, 
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
 
-@pytest.mark.parametrize("method", ["pix2pix-zero", "AGG"])
+@pytest.mark.parametrize("method", ["pix2pix-zero", pytest.param("AGG", marks=pytest.mark.once)])
 def test_cancel_stops_a_guided_backward_pass(host, checkpoints, monkeypatch, method):
     """The flag is set when the guidance loss's gradient starts flowing back (a hook on the loss); the backward
     through the UNet must stop there (before issue 32 it ran to the end and the run stopped at the next step)."""

@@ -53,6 +53,13 @@ def checkpoint_everything(host, monkeypatch):
     return switch, counts
 
 
+def _mode_of_defaults(host, p):
+    """The GPU Settings node two_image_batch inserts, set to the memory mode the fixture switched to."""
+    guided = sys.modules[_compose(host).__name__.rsplit(".", 1)[0] + "._guided"]
+    p["z2i_settings"]["inputs"]["memory"] = guided.DEFAULTS["memory"]
+    return p
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -76,7 +83,8 @@ def test_recomputed_activations_give_the_same_edit(host, checkpoints, checkpoint
     batch of two different images each row is evaluated alone, and its recomputation must see its own row."""
     switch, counts = checkpoint_everything
     build = {"pix2pix-zero": P2P, "zeroCon": ZEROCON, "AGG": AGG,
-             "pix2pix-zero, two images": lambda ckpt: two_image_batch(P2P(ckpt), "ab")}[method]
+             "pix2pix-zero, two images":
+                 lambda ckpt: _mode_of_defaults(host, two_image_batch(P2P(ckpt), "ab"))}[method]
     kept = _samples(host, build(checkpoints["sd15"]))
     assert counts["recomputed"] == 0
     switch(True)

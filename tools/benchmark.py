@@ -220,7 +220,7 @@ def variants(table: dict, modes: list[str], batch: int) -> dict:
         for mode in (modes if guided else ["auto"]):
             label = name if mode == "auto" else f"{name} [memory {mode}]"
             out[label] = (with_memory(extra, mode), node, seed)
-            if batch > 1 and not name.startswith(NO_BATCH):
+            if batch > 1 and mode == "auto" and not name.startswith(NO_BATCH):
                 ex = dict(with_memory(extra, mode))
                 ex["rep"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["scale", 0], "amount": batch}}
                 ex["enc"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["rep", 0], "vae": ["ckpt", 2]}}
