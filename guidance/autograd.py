@@ -85,7 +85,10 @@ def checked_backward(check):
         check()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+    # pack returns a detached view (same memory, same version counter): the tensor itself would keep its grad_fn,
+    # and for an op's own output that node holds what it saved, a reference cycle only the cyclic gc frees, so
+    # each step's graph would outlive the step
+    with torch.autograd.graph.saved_tensors_hooks(torch.Tensor.detach, unpack):
         yield
 
 

@@ -12,7 +12,7 @@ MEMORY_TIP = ("How the gradient-guided samplers (pix2pix-zero, pix2pix-zeroCon, 
               "'auto' (default): 'fast' when its estimated extra memory fits what the GPU (or RAM) has free once the "
               "models are loaded, else 'low'. 'fast': every activation of a guided UNet call kept for its backward "
               "pass, pix2pix-zero's two CFG halves guided in one call. 'low': the large layers' activations are "
-              "recomputed in the backward pass instead of kept (about 1.2-1.5x the time of fast, a fraction of its "
+              "recomputed in the backward pass instead of kept (about 1.1-1.2x the time of fast, a fraction of its "
               "memory) and the halves guided one after the other. Same edit either way (to float rounding).")
 BATCH_TIP = ("'batched' (default): all images of a batch in one UNet call, as core samples (a batch of 4 costs "
              "about one call on a GPU). 'per image': one image at a time, so each image of a batch is edited "

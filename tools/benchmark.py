@@ -155,7 +155,7 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
         "CSG (mixup + posterior guidance; sampler only)": ({
             "mask": {"class_type": "Z2I_CSGMask", "inputs": {
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],
-                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": 1}},
+                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": MASK_LEVEL[0]}},
             "mix": {"class_type": "Z2I_CrossAttentionMixup", "inputs": {"model": ["ckpt", 0],
                                                                         "background": ["mask", 0], "strength": 1.0}},
             **sampling({"class_type": "Z2I_CSGSampler", "inputs": {
@@ -164,7 +164,7 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
         CSG_CACHED: ({
             "mask": {"class_type": "Z2I_CSGMask", "inputs": {
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],
-                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": 1,
+                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": MASK_LEVEL[0],
                 "source_maps": "keep"}},
             "mix": {"class_type": "Z2I_CrossAttentionMixup", "inputs": {"model": ["ckpt", 0],
                                                                         "background": ["mask", 0], "strength": 1.0}},
@@ -174,7 +174,7 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
         "CSG content mask (once per image)": ({
             "mask": {"class_type": "Z2I_CSGMask", "inputs": {
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],
-                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": 1}}},
+                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": MASK_LEVEL[0]}}},
             "mask", None),
         "AGG (guided 30% of steps, DDS 10)": (sampling({"class_type": "Z2I_AGGSampler", "inputs": {
             "inversion": ["inv", 1], "lambda_reg": 0.1, "guided_until": agg_guided(steps), "masked_until": 0.8,
@@ -241,6 +241,8 @@ def with_memory(extra: dict, mode: str) -> dict:
                                                              "batch": "batched"}}
     return ex
 
+
+MASK_LEVEL = [1]          # --mask-level: the CSG content mask's mask_level in every CSG row
 
 NOT_IMPLEMENTED: list[str] = []
 PLAIN = "plain ComfyUI DDIM (core 'ddim')"
@@ -407,6 +409,9 @@ def main() -> None:
     ap.add_argument("--methods", default="",
                     help="comma-separated prefixes of the method names to measure (plain DDIM always runs); empty "
                          "for all")
+    ap.add_argument("--mask-level", type=int, default=1,
+                    help="the CSG Content Mask's mask_level in the CSG rows (0 = the node's default, full latent "
+                         "resolution: above a 91x91 mask its smoothing runs as a linear-memory second pass)")
     ap.add_argument("--memory-modes", default="auto",
                     help="memory modes of the gradient-guided methods (Z2I GPU Settings): comma-separated of auto, "
                          "fast, low; auto is the row without the node")
@@ -423,6 +428,7 @@ def main() -> None:
                     help="measure only plain DDIM sampling and the peer comparison; with --write, replace only "
                          "the peer section of the existing file")
     args = ap.parse_args()
+    MASK_LEVEL[0] = args.mask_level
     if args.only_peer and not args.peer:
         ap.error("--only-peer needs --peer")
     if args.peer:
