@@ -68,9 +68,7 @@ class Trajectory:
         return int(self.sigmas.shape[0]) - 1
 
     def to(self, device) -> "Trajectory":
-        """The same trajectory with its tensors on `device` (itself when they are there already)."""
-        if all(t.device == torch.device(device) for t in (self.sigmas, self.latents, self.x0, self.eps)):
-            return self
+        """The same trajectory with its tensors on `device` (Tensor.to copies nothing already there)."""
         return Trajectory(*(t.to(device) for t in (self.sigmas, self.latents, self.x0, self.eps)))
 
     def index_of_sigma(self, sigma: float, rtol: float = 1e-4) -> int:
