@@ -31,13 +31,25 @@ from .sites import Site
 
 CALL_KEY = "z2i_attention_call"            # the AttentionCall for cross-attention (attn2)
 SELF_CALL_KEY = "z2i_self_attention_call"   # the AttentionCall for self-attention (attn1)
+COND_ORDER_KEY = "z2i_cond_order"           # {ComfyUI label: logical index} set by a Z2I paired call
+
+
+def call_conds(options: dict) -> list:
+    """The logical cond index of each batch chunk of a UNet call. ComfyUI labels the chunks with cond_or_uncond
+    (0 cond, 1 uncond), which other patches (SAG, PAG, IPAdapter's uncond handling) read; a Z2I call labels its
+    caption rows uncond and its edit rows cond, as core's CFG call does, and says in COND_ORDER_KEY which
+    logical index (0 caption/source, 1 edit, as the guidance's stores are keyed) each label carries.
+    Without that key the labels are the indices (core's own CFG call: 0 cond, 1 uncond)."""
+    cou = list(options.get("cond_or_uncond") or [0])
+    order = options.get(COND_ORDER_KEY)
+    return [order.get(c, c) for c in cou] if order else cou
 
 
 class AttentionController:
     """Sees every cross-attention map of a call; may return replacement maps.
 
     process(probs, site, cond_index, call) -> probs, for one batch chunk [b, heads, Nq, Nk] whose conditioning
-    is `cond_index` (an index into the cond list of that UNet call, ComfyUI's cond_or_uncond).
+    is `cond_index` (the chunk's logical index, call_conds: ComfyUI's cond_or_uncond mapped by a Z2I call's order).
     """
 
     # A controller that only reads the head-averaged map (probs.mean(1)) sets this and implements process_mean:
@@ -318,7 +330,7 @@ def _controlled_attention(q, k, v, extra_options: dict, call_key: str, inner=Non
     controllers = [c for c in call.controllers if c.wants(site, hw, call)]
     if not controllers:
         return plain()
-    cou = list(extra_options.get("cond_or_uncond") or [0])
+    cou = call_conds(extra_options)
     if all(c.reads_qk for c in controllers):
         for cond_index, qc, kc in zip(cou, q.chunk(len(cou)), k.chunk(len(cou))):
             for c in controllers:

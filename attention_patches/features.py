@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..guidance.autograd import recomputing
+from .controller import call_conds
 from .sites import Site
 
 FEATURE_KEY = "z2i_feature_call"
@@ -41,14 +42,14 @@ def attn1_output_capture(n: torch.Tensor, extra_options: dict) -> torch.Tensor:
     if call.latent_hw is not None and shape is not None and tuple(shape[-2:]) != tuple(call.latent_hw):
         return n
     hw = tuple(extra_options.get("activations_shape", [0, 0, 0, 0])[-2:])
-    store_features(call, site, n, hw, extra_options.get("cond_or_uncond"))
+    store_features(call, site, n, hw, call_conds(extra_options))
     return n
 
 
-def store_features(call: FeatureCall, site: Site, n: torch.Tensor, hw: tuple, cond_or_uncond) -> None:
-    """Keep the token features n [batch, N, C] of one layer call, split by ComfyUI's cond_or_uncond, for the conds
+def store_features(call: FeatureCall, site: Site, n: torch.Tensor, hw: tuple, conds) -> None:
+    """Keep the token features n [batch, N, C] of one layer call, split by its chunks' logical conds (call_conds), for the conds
     the call asks for (shared by the UNet's attn1 output and the MMDiT's image stream, attention_patches.joint)."""
-    cou = list(cond_or_uncond or [0])
+    cou = list(conds or [0])
     for ci, chunk in zip(cou, n.chunk(len(cou))):
         if ci in call.conds:
             t = chunk if call.keep_graph else chunk.detach()

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from ..guidance.autograd import recomputing
-from .controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, hand_maps, hand_means
+from .controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, call_conds, hand_maps, hand_means
 from .features import FEATURE_KEY, FeatureCall, store_features
 from .probs import split_heads
 from .sites import Site
@@ -70,7 +70,7 @@ def joint_block(args: dict, extra: dict, index: int, inner=None, n_blocks: int =
         site = Site("joint", index, 0)
         hw = _image_hw(feats.latent_hw, img.shape[1])
         if (feats.sites is None or site in feats.sites) and hw is not None and not recomputing():
-            store_features(feats, site, img, hw, to.get("cond_or_uncond"))
+            store_features(feats, site, img, hw, call_conds(to))
     return out
 
 
@@ -115,7 +115,7 @@ def joint_attention(func, q, k, v, *args, inner=None, **kwargs):
     selfs = _wanted(self_call, site, n_img)
     if not cross and not selfs:
         return plain()
-    cou = list(to.get("cond_or_uncond") or [0])
+    cou = call_conds(to)
     v3 = v.reshape(v.shape[0], v.shape[1], -1)
     if selfs and all(c.head_mean_only for c in selfs):
         hand_means(image_block_mean(q, k, heads, n_txt), cou, selfs, site, self_call)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..attention_patches.controller import call_conds
 from .file_checks import check_file_tensors  # noqa: F401  (re-exported for the loaders)
 
 HSPACE_KEY = "z2i_hspace_call"
@@ -41,7 +42,7 @@ class HCall:
 
     def apply(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
         if self.captured is not None:
-            cou = list(transformer_options.get("cond_or_uncond") or [0])
+            cou = call_conds(transformer_options)
             for ci, chunk in zip(cou, h.chunk(len(cou))):
                 self.captured.setdefault(ci, []).append(chunk.detach().float())
         if self.direction is not None and self.scale != 0:

@@ -6,7 +6,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..attention_patches.controller import CALL_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace
+from ..attention_patches.controller import CALL_KEY, COND_ORDER_KEY, SELF_CALL_KEY, AttentionCall, attn1_replace
 from ..attention_patches.features import FEATURE_KEY, FeatureCall, attn1_output_capture
 from ..attention_patches.joint import with_joint_patches
 from ..attention_patches.sites import cross_attention_sites, joint_sites, select_sites
@@ -19,6 +19,12 @@ from .types import InversionType
 from ._host import check_schedule, combo_check, Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible
 
 P2PZ = "Z2I pix2pix-zero Sampler"
+
+
+def label_of(cond_name: str) -> int:
+    """core's label for a conditioning of the guider: the negative prompt is CFG's uncond (comfy.samplers.UNCOND,
+    1), every other the cond (COND, 0)."""
+    return 1 if cond_name == "negative" else 0
 
 
 class GuidedCalls:
@@ -72,35 +78,53 @@ class GuidedCalls:
                                     "mask on the latent (Set Latent Noise Mask) and connect DDIM Inversion's "
                                     "inversion to the sampler, which keeps the rest of the image")
 
+    def options(self, order: dict, call: AttentionCall = None, self_call: AttentionCall = None,
+                feature_call: FeatureCall = None, **extra) -> dict:
+        """This run's patched model options for one Z2I call: its label order (COND_ORDER_KEY) and call objects."""
+        to = {**self.patched["transformer_options"], COND_ORDER_KEY: order}
+        for key, value in ((CALL_KEY, call), (SELF_CALL_KEY, self_call), (FEATURE_KEY, feature_call)):
+            if value is not None:
+                to[key] = value
+        return {**self.patched, **extra, "transformer_options": to}
+
     def denoise_one(self, cond_name: str):
-        conds = self.conds(cond_name)
+        """run(x, sigma, call, ...) -> D_cond(x), the one conditioning's prediction, its rows labelled as core's
+        CFG call labels them (the negative prompt uncond, the positive cond: label_of) and logical index 0 for
+        the controllers."""
+        label = label_of(cond_name)
+        conds = [None] * label + [self.conds(cond_name)]
 
         def run(x, sigma, call: AttentionCall, self_call: AttentionCall = None, feature_call: FeatureCall = None):
-            mo = dict(self.patched)
-            mo["transformer_options"] = {**self.patched["transformer_options"], CALL_KEY: call}
-            if self_call is not None:
-                mo["transformer_options"][SELF_CALL_KEY] = self_call
-            if feature_call is not None:
-                mo["transformer_options"][FEATURE_KEY] = feature_call
+            mo = self.options({label: 0}, call, self_call, feature_call)
+
             def one(xr):
-                return comfy.samplers.calc_cond_batch(self.base, [conds], xr, sigma * xr.new_ones([xr.shape[0]]), mo)[0]
+                return comfy.samplers.calc_cond_batch(self.base, conds, xr, sigma * xr.new_ones([xr.shape[0]]),
+                                                      mo)[label]
             return self.by_rows(one, x, call)
 
         return run
 
     def denoise_pair(self, first: str = "negative", second: str = "positive"):
-        """run(x_a, x_b, sigma, call) -> (D_first(x_a), D_second(x_b)) in one batched UNet call (cond indices 0
-        and 1 for `call`): core's calc_cond_batch batches the two conditionings as for CFG and a
+        """run(x_a, x_b, sigma, call) -> (D_first(x_a), D_second(x_b)) in one batched UNet call, as core's CFG call
+        makes it: the rows carry core's labels (cond_or_uncond: the positive prompt 0, the negative 1, which
+        SAG, PAG and IPAdapter-style patches read) and `call`'s controllers see logical indices 0 (first) and 1
+        (second) through COND_ORDER_KEY. core's calc_cond_batch batches the two conditionings and a
         model_function_wrapper (chained to any the graph has) puts each conditioning's own latent into its rows.
         None when a conditioning crops or conditions on the input before that wrapper sees it (area conds,
         control models): then each half runs as its own call."""
-        conds = [self.conds(first), self.conds(second)]
+        labels = (label_of(first), label_of(second))
+        if labels[0] == labels[1]:
+            raise ValueError("z2i: a paired call needs one cond and one uncond conditioning")
+        conds = [None, None]
+        for name, lab in zip((first, second), labels):
+            conds[lab] = self.conds(name)
         if any(c is None or any("area" in e or "control" in e or "default" in e for e in c) for c in conds):
             return None
         prev = self.patched.get("model_function_wrapper")
+        order = {labels[0]: 0, labels[1]: 1}
 
         def one(xa, xb, sigma, call):
-            rows = (xa, xb)
+            rows = {labels[0]: xa, labels[1]: xb}
 
             def wrapper(apply_model, args):
                 cou = list(args["cond_or_uncond"])
@@ -112,11 +136,9 @@ class GuidedCalls:
                     return prev(apply_model, args)
                 return apply_model(args["input"], args["timestep"], **args["c"])
 
-            mo = {**self.patched, "model_function_wrapper": wrapper}
-            if call is not None:
-                mo["transformer_options"] = {**self.patched["transformer_options"], CALL_KEY: call}
+            mo = self.options(order, call, model_function_wrapper=wrapper)
             out = comfy.samplers.calc_cond_batch(self.base, conds, xa, sigma * xa.new_ones([xa.shape[0]]), mo)
-            return out[0], out[1]
+            return out[labels[0]], out[labels[1]]
 
         def run(xa, xb, sigma, call: AttentionCall = None):
             if not self.rowwise or xa.shape[0] == 1:

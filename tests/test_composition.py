@@ -352,3 +352,68 @@ def test_asyrp_delta_lands_before_other_output_block_patches(host, checkpoints):
     _samples(host, off, with_recorder)
     plain = seen[0]
     assert float((edited - plain).abs().max()) > 1e-4, "the recorder did not see the delta"
+
+
+def splice_sag(p, scale=0.5):
+    """Core's Self-Attention Guidance on the sampler's MODEL: it records the self-attention of the uncond-labelled
+    rows of the middle block and, after CFG, re-runs the uncond prediction on a blurred image."""
+    p["sag"] = {"class_type": "SelfAttentionGuidance", "inputs": {"model": _model_input(p), "scale": scale,
+                                                                   "blur_sigma": 2.0}}
+    p["s"]["inputs"]["model"] = ["sag", 0]
+    return p
+
+
+@pytest.mark.parametrize("method", ["pix2pix-zero", pytest.param("zeroCon", marks=pytest.mark.once),
+                                    pytest.param("CSG", marks=pytest.mark.once)])
+def test_self_attention_guidance_composes(host, checkpoints, method):
+    """Core's SAG with the attention-guided samplers (issue 32: pix2pix-zero crashed in SAG's create_blur_map,
+    AttributeError: SAG found no uncond-labelled UNet call because the caption half was labelled cond). SAG
+    still changes the edit and the method still changes SAG's result."""
+    build, off_key, off_value = METHODS[method]
+    build = _at_128(build)          # SAG's blur map needs a middle block of 2x2 or more (a 16x16 latent here)
+    ckpt = checkpoints["sd15"]
+    on = _samples(host, splice_sag(build(ckpt)))
+    assert torch.isfinite(on).all()
+    assert _rel(on, _samples(host, build(ckpt))) > 1e-3, f"SAG has no effect under {method}"
+    off = splice_sag(build(ckpt))
+    off["sampler"]["inputs"][off_key] = off_value
+    assert _rel(on, _samples(host, off)) > 1e-3, f"{method} has no effect with SAG"
+
+
+@pytest.mark.parametrize("method", [m if m == "pix2pix-zero" else pytest.param(m, marks=pytest.mark.once)
+                                    for m in METHODS])
+def test_unet_calls_carry_core_labels(host, checkpoints, method):
+    """Every UNet call a Z2I sampler makes labels its rows as core's CFG call does (issue 32: pix2pix-zero's and
+    zeroCon's paired call labelled the caption rows cond and the edit rows uncond, so any patch acting on one half
+    acted on the other): a model function wrapper of another pack sees, for each chunk labelled 0 (cond), the
+    positive prompt's embedding and for each chunk labelled 1 (uncond) the negative's."""
+    import comfy.sample
+    build = METHODS[method][0]
+    p = build(checkpoints["sd15"])
+    s = p["s"]["inputs"]
+    if method == "Asyrp":           # its graph samples with cfg 1 and one prompt: give it a CFG call to label
+        s.update(negative=["tgt", 0], cfg=3.0)
+    targets = ["sampler", s["model"][0], s["positive"][0], s["negative"][0], s["latent_image"][0], s["sigmas"][0]]
+    res = host.run_prompt(p, targets=targets)
+    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
+    embed = {0: out(s["positive"])[0][0], 1: out(s["negative"])[0][0]}
+    assert not torch.equal(embed[0], embed[1])
+    seen = []
+
+    def recorder(apply_model, args):
+        cou = list(args["cond_or_uncond"])
+        ctx = args["c"]["c_crossattn"]
+        seen.extend((label, chunk.detach().clone()) for label, chunk in zip(cou, ctx.chunk(len(cou))))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = out(s["model"]).clone()
+    model.set_model_unet_function_wrapper(recorder)
+    latent = out(s["latent_image"])["samples"]
+    with torch.inference_mode():
+        comfy.sample.sample_custom(model, torch.zeros_like(latent), s["cfg"], out(["sampler", 0]), out(s["sigmas"]),
+                                   out(s["positive"]), out(s["negative"]), latent)
+    assert {label for label, _ in seen} == {0, 1}, "a branch never ran"
+    for label, chunk in seen:
+        ref = embed[label].to(chunk)
+        assert chunk.shape[1:] == ref.shape[1:] and torch.equal(chunk, ref.expand_as(chunk)), \
+            f"rows labelled {label} carry the other prompt"

@@ -78,7 +78,7 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ~40-150 s each on 2 idle cores; a busy machine made the 50-step case pass 900 s (the suite's default timeout)
 @pytest.mark.timeout(2700)
-@pytest.mark.parametrize("size,steps", [(64, 10), (64, 50), (128, 10)])
+@pytest.mark.parametrize("size,steps", [(64, 50), (128, 10)])
 def test_pix2pix_zero_matches_diffusers_stage_by_stage(host, checkpoints, peer, size, steps):
     import comfy.sample
     import comfy.samplers
