@@ -70,9 +70,11 @@ def recon_error(host, ckpt, latent_name, **inv):
 @pytest.mark.parametrize("kind, variant", [("sd15", "current level"), ("sd15", "target timestep"),
                                            ("sd2v", "current level"), ("sdxl", "current level")])
 def test_reconstruction_error_falls_with_steps(host, checkpoints, latent_files, kind, variant):
-    e25, _ = recon_error(host, checkpoints[kind], latent_files[(kind, 1)], steps=25, variant=variant)
-    e100, _ = recon_error(host, checkpoints[kind], latent_files[(kind, 1)], steps=100, variant=variant)
-    assert e100 < 0.5 * e25, (e25, e100)
+    """4x the steps, under half the round-trip error (measured, 12 -> 48 steps: ratio 0.31 sd15, 0.33 sd15 target
+    timestep, 0.27 sd2v, 0.42 sdxl; was 25 -> 100 steps, cut to keep the suite within its budget)."""
+    coarse, _ = recon_error(host, checkpoints[kind], latent_files[(kind, 1)], steps=12, variant=variant)
+    fine, _ = recon_error(host, checkpoints[kind], latent_files[(kind, 1)], steps=48, variant=variant)
+    assert fine < 0.5 * coarse, (coarse, fine)
 
 
 def test_refinement_improves_reconstruction(host, checkpoints, latent_files):
