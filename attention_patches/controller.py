@@ -195,12 +195,16 @@ class Mixup(AttentionController):
     `source` holds the source branch's maps of the same step (lockstep reference pass); `token_map[l]` is the
     source token matched to target token l (identity when None). Maps of sites or steps without source maps
     pass through unchanged.
+
+    `current` (the authors' code, two UNet passes per step): the target maps M_tgt are not this call's own but
+    those a first, unmixed pass of the same step captured (keyed by site and cond), so every layer mixes maps of
+    hidden states no earlier mixing has changed; this call only injects the mix (its own maps are discarded).
     """
 
     def __init__(self, source: MapStore, mask: torch.Tensor, source_cond: int = 0,
                  token_map: Optional[torch.Tensor] = None, target_conds: Optional[Iterable[int]] = None,
-                 normalise: bool = True, strength: float = 1.0):
-        self.source, self.mask, self.source_cond = source, mask, source_cond
+                 normalise: bool = True, strength: float = 1.0, current: Optional[MapStore] = None):
+        self.source, self.mask, self.source_cond, self.current = source, mask, source_cond, current
         self.token_map = token_map
         self.target_conds = frozenset(target_conds) if target_conds is not None else None
         self.normalise, self.strength = normalise, float(strength)
@@ -222,6 +226,16 @@ class Mixup(AttentionController):
         src = self.source.get(call.step, site, self.source_cond)
         if src is None:
             return probs
+        if self.current is not None:
+            cur = self.current.get(call.step, site, cond_index)
+            if cur is None:
+                return probs
+            if call.row is not None and cur.shape[0] > probs.shape[0]:
+                cur = cur[call.row:call.row + probs.shape[0]]
+            if cur.shape != probs.shape:
+                raise RuntimeError(f"z2i: the first pass's maps at {site} are {tuple(cur.shape)}, this call's "
+                                   f"{tuple(probs.shape)}")
+            probs = cur.to(probs)
         src = src.to(probs)
         if self.token_map is not None:
             src = src[..., self.token_map.to(src.device)]

@@ -22,13 +22,25 @@ from .controller import AttentionCall, AttentionController, call_hw
 from .sites import Site
 
 
-class TokenMapMean(AttentionController):
-    """Layers whose maps are at most `max_hw` are used, each upsampled to `hw`."""
+RESIZE_CODE, RESIZE_OURS = "code", "ours"
 
-    def __init__(self, positions: Sequence[int], hw: tuple[int, int], max_hw: Optional[tuple] = None, cond: int = 0):
+
+class TokenMapMean(AttentionController):
+    """Layers whose maps are at most `max_hw` are used.
+
+    resize "ours": each layer's map upsampled bilinearly to `hw` (the mask resolution), averaged, normalised by the
+    maximum there. resize "code" (the authors' code, Hleephilip/CSG edit_pipeline.py): the layers are averaged at
+    `max_hw` (the token level, 16x16 at 512 px; coarser layers upsampled bicubically to it), normalised by the
+    maximum there, and the normalised map upsampled bicubically to `hw`. Either way per step, then averaged over
+    time (mean())."""
+
+    def __init__(self, positions: Sequence[int], hw: tuple[int, int], max_hw: Optional[tuple] = None, cond: int = 0,
+                 resize: str = RESIZE_OURS):
         if not positions:
             raise ValueError("no token positions for the word")
-        self.positions, self.hw, self.cond = list(positions), tuple(hw), cond
+        if resize not in (RESIZE_CODE, RESIZE_OURS):
+            raise ValueError(f"resize must be {RESIZE_CODE!r} or {RESIZE_OURS!r}")
+        self.positions, self.hw, self.cond, self.resize = list(positions), tuple(hw), cond, resize
         self.max_hw = tuple(max_hw) if max_hw is not None else tuple(hw)
         self._layers: dict[int, list] = {}
         self.total: Optional[torch.Tensor] = None
@@ -44,8 +56,12 @@ class TokenMapMean(AttentionController):
         if h > self.max_hw[0] or w > self.max_hw[1]:
             return probs
         m = probs[..., self.positions].mean(-1).mean(1).reshape(probs.shape[0], 1, h, w).float()
-        m = F.interpolate(m, size=self.hw, mode="bilinear", align_corners=False)[:, 0]
-        self._layers.setdefault(call.step, []).append(m.detach())
+        if self.resize == RESIZE_CODE:
+            if (h, w) != self.max_hw:
+                m = F.interpolate(m, size=self.max_hw, mode="bicubic", align_corners=False)
+        else:
+            m = F.interpolate(m, size=self.hw, mode="bilinear", align_corners=False)
+        self._layers.setdefault(call.step, []).append(m[:, 0].detach())
         return probs
 
     def end_step(self, step: int) -> None:
@@ -54,6 +70,8 @@ class TokenMapMean(AttentionController):
             return
         m = torch.stack(layers).mean(0)
         m = m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        if self.resize == RESIZE_CODE and tuple(m.shape[-2:]) != self.hw:
+            m = F.interpolate(m[:, None], size=self.hw, mode="bicubic", align_corners=False)[:, 0]
         self.total = m if self.total is None else self.total + m
         self.steps += 1
 

@@ -16,6 +16,13 @@ Where eps is predicted is the only difference between the two variants:
   at the lowest trained level abar_0, so the schedule starts at sigmas[0] = sigma(0) > 0 and x starts at
   z * sqrt(1 + sigma(0)^2). Samplers that end a schedule at that level return x / sqrt(1 + sigma(0)^2)
   (guidance.ddim.finish), so the pair round-trips and matches diffusers' output latents.
+- "csg": the official CSG code's inversion (Hleephilip/CSG src/utils/ddim_inv.py, pix2pix-zero's scheduler loop over
+  `timesteps.flip(0)[1:-1]`): on a grid of timesteps T_0 < ... < T_{N-1} (diffusers' T_k = 1 + k r) it takes N - 2
+  steps; step k (1 <= k <= N-2) predicts eps at timestep T_k from the VP latent held at level abar[T_k - 1] and
+  moves it to abar[T_{k+1} - 1]. The clean latent starts at abar[T_1 - 1] (= abar[r]), x_T ends at abar[T_{N-1} - 1],
+  one training step less noisy than the level sampling starts it at (T_{N-1}). Given as `sigmas` = those levels
+  (ascending, N - 1 of them) and `eval_sigmas` = the grid's sigma(T_k) of each step. Reproduced because CSG's
+  figures come from it; it looks like an off-by-one in their code, not a design (docs/METHODS.md).
 A step that starts from the clean latent (sigma 0) evaluates the "current" eps at the lowest trained level
 (t = 0, `sigma_floor`) with the same rescaling, since the denoiser cannot give eps at sigma 0.
 (The official pix2pix-zero repository inverts differently again: eps near the current level over 48 steps.)
@@ -45,7 +52,7 @@ import torch
 from .ddim import ddim_step, noise_form_of_model
 from .schedules import FLOW, VE, NoiseForm, append_dims, from_vp
 
-VARIANTS = ("current", "target", "diffusers")
+VARIANTS = ("current", "target", "diffusers", "csg")
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,10 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
                        callback: Optional[Callable[[dict], None]] = None, disable: Optional[bool] = None,
                        variant: str = "current", sigma_floor: Optional[float] = None, refine: int = 0,
                        regularize: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
-                       record: Optional[list] = None) -> torch.Tensor:
+                       record: Optional[list] = None, eval_sigmas: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Implements DDIM inversion over an ascending sigma schedule; returns x at sigmas[-1].
 
+    `eval_sigmas` ("csg" only): the level each step's eps is predicted at (the VP latent rescaled to it).
     `sigma_floor`: the lowest level the model was trained at (needed when sigmas[0] == 0).
     `regularize(eps, step) -> eps`: applied to each step's eps (pix2pix-zero), used in both terms.
     `record`: a list that receives one Trajectory at the end.
@@ -114,16 +122,22 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
         raise ValueError("inversion sigmas must be strictly ascending (flip the sampling schedule)")
     extra_args = {} if extra_args is None else extra_args
     form = noise_form_of_model(model)
-    if form is FLOW and variant == "diffusers":
-        raise ValueError("the diffusers variant is defined on the DDPM schedule, not on rectified flow")
-    if variant == "diffusers":
+    if form is FLOW and variant in ("diffusers", "csg"):
+        raise ValueError(f"the {variant} variant is defined on the DDPM schedule, not on rectified flow")
+    if (variant == "csg") != (eval_sigmas is not None) or (
+            eval_sigmas is not None and len(eval_sigmas) != len(sigmas) - 1):
+        raise ValueError("eval_sigmas: one per step, for the csg variant only")
+    if variant in ("diffusers", "csg"):
         if not float(sigmas[0]) > 0:
-            raise ValueError("the diffusers variant starts at the lowest trained level sigma(0) > 0, not at 0")
+            raise ValueError(f"the {variant} variant starts at a trained level > 0 (diffusers: the lowest trained level "
+                             "sigma(0)), not at 0")
         x = from_vp(x, sigmas[0])
     latents, x0s, epss = [x], [], []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if variant in ("target", "diffusers"):
+        if variant == "csg":
+            sigma_eval = eval_sigmas[i]
+        elif variant in ("target", "diffusers"):
             sigma_eval = sigma_next
         elif float(sigma) > 0:
             sigma_eval = sigma

@@ -242,7 +242,7 @@ def inpainting(extra_args: dict, inversion, node: str):
     the model calls and keep that region on the inversion's own trajectory instead (guidance.ddim.keep_outside):
     the result there is the inversion's reconstruction of the source."""
     from ..guidance.ddim import keep_outside
-    from ._host import Z2IInputError
+    from ._host import Z2IInputError, paired_trajectory
 
     mask = (extra_args or {}).get("denoise_mask")
     if mask is None:
@@ -251,7 +251,7 @@ def inpainting(extra_args: dict, inversion, node: str):
         raise Z2IInputError(node, "inversion", "the latent has a noise mask (inpainting) but no inversion is "
                             "connected", "connect DDIM Inversion's INVERSION output to this sampler node, so the "
                             "region outside the mask keeps the source image")
-    traj = inversion.trajectory
+    traj = paired_trajectory(node, inversion)
 
     def level(sigma: float):
         try:

@@ -357,15 +357,36 @@ def check_inversion(node: str, inversion, model, x: torch.Tensor = None, input_n
                             f"{inv[0]}", "sample the inversion's own noise output (one inversion per batch)")
 
 
+def paired_trajectory(node: str, inversion, input_name: str = "inversion"):
+    """The inversion's trajectory for a node that pairs each sampling step with the latent (or maps) of its level;
+    the 'CSG code (N-2 steps)' inversion has none (its latents sit one training step off the sampling levels)."""
+    if not inversion.paired:
+        raise Z2IInputError(node, input_name, "the 'CSG code (N-2 steps)' inversion's latents are not on the "
+                            "sampling schedule (each sits one training step below the level the sampler gives "
+                            "it), so no step can be paired with its source latent", "invert with 'current level' "
+                            "(or another variant) for this node; the CSG nodes take the CSG code inversion with "
+                            "their 'reconstruction (official code)' source")
+    return inversion.trajectory
+
+
 def check_schedule(node: str, inversion, sigmas, input_name: str = "sigmas (of the sampler node)") -> None:
     """The sampler's schedule is the connected inversion's, reversed: as many steps, every level on the inversion's
     trajectory. Another step count or scheduler would pair each step with another level's latent or maps: a wrong
     edit with no error."""
     from ..guidance.ddim import schedule_levels
-    traj = inversion.trajectory
     levels = schedule_levels(sigmas)
     fix = ("connect DDIM Inversion's 'sigmas' output to the sampler node's sigmas (or give both the same steps, "
            "scheduler and denoise)")
+    if not inversion.paired:          # the CSG code's inversion: its own reverse schedule, not its latents' levels
+        own = schedule_levels(inversion.sigmas)
+        if len(levels) != len(own):
+            raise Z2IInputError(node, input_name, f"{len(levels) - 1} steps, the inversion's schedule has "
+                                f"{len(own) - 1}", fix)
+        for s, o in zip(levels[:-1], own[:-1]):
+            if abs(s - o) > 1e-4 * max(abs(o), 1e-8):
+                raise Z2IInputError(node, input_name, f"sigma {s:.4g} is not on the inversion's schedule", fix)
+        return
+    traj = inversion.trajectory
     if len(levels) - 1 != traj.steps:
         raise Z2IInputError(node, input_name, f"{len(levels) - 1} steps, the inversion made {traj.steps}", fix)
     for s in levels[:-1]:

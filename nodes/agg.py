@@ -12,7 +12,7 @@ from ..guidance.clip_loss import agg_clip_loss, agg_target_vector
 from ..guidance.ddim import finish, model_sigma_floor, noise_form_of_model, seeded_noise_sampler
 from ._compose import guard_inplace, inpainting, own_rng, rows_of
 from ._guided import Helper, guided_run
-from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible, is_sd3
+from ._host import Z2IKSampler, Z2IInputError, check_sampler_inputs, interruptible, is_sd3, paired_trajectory
 from .clip_models import ClipLossModelType, image_decoder
 from .types import InversionType
 
@@ -30,7 +30,7 @@ def _agg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                             "structure guidance runs on it), or use an SD1.x/SD2.x/SDXL model for the style loss")
     form = noise_form_of_model(model)
     extra_args, keep = inpainting(extra_args or {}, inversion, NODE)     # noise mask: keep the source outside
-    traj = inversion.trajectory
+    traj = paired_trajectory(NODE, inversion)
     n = len(sigmas) - 1
     e1, e2 = boundary(guided_until, n), boundary(masked_until, n)
     mask = None

@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.utils
@@ -14,17 +15,19 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..attention_patches.controller import AttentionCall, AttentionController, Capture, MapStore, Mixup, attn2_replace, over
-from ..attention_patches.csg_mask import (LayerProbe, SelfAttentionMean, SelfAttentionSmoothing, TokenMapMean,
-                                          content_mask)
+from ..attention_patches.csg_mask import (RESIZE_CODE, RESIZE_OURS, LayerProbe, SelfAttentionMean,
+                                          SelfAttentionSmoothing, TokenMapMean, content_mask)
 from ..attention_patches.joint import OVERRIDE, foreign_joint_patches, is_own as joint_own, with_joint_patches
 from ..attention_patches.sites import cross_attention_sites
 from ..guidance.csg import align_tokens, csg_step, hard_background, omega, token_positions
 from ..guidance.ddim import ddim_step, finish, model_sigma_floor, noise_form_of_model
+from ..guidance.inversion import rescale_input
 from ._compose import (analysis_options, attn2_at, foreign_attn2_sites, inpainting, own_rng, per_image_conds,
                        rows_of, with_z2i_attn2)
 from ._guided import per_image
-from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_sampler_inputs, denoiser_of, interruptible,
-                    model_signature)
+from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_sampler_inputs, check_schedule, combo_check,
+                    denoiser_of,
+                    interruptible, model_signature, paired_trajectory)
 from .attention import GuidedCalls
 from .types import CSGSourceMapsType, InversionType
 
@@ -35,6 +38,16 @@ KEEP_AUTO, KEEP_ALWAYS, KEEP_NEVER = "auto (keep up to 1 GB)", "keep", "don't ke
 KEEP_BUDGET = 1 << 30          # bytes of source maps "auto" keeps (the maps of every step, every layer)
 SA_BUDGET = 256 << 20          # bytes of the mask's [HW, HW] self-attention map above which it is never built
 KEEP_FP16, KEEP_FP32 = "fp16 (half the memory)", "fp32 (as the source row)"
+SOURCE_CODE, SOURCE_PAPER = "reconstruction (official code)", "inversion trajectory (paper Alg. 1)"
+SOURCES = {SOURCE_CODE: "reconstruction", SOURCE_PAPER: "inversion"}
+WORD_MAP_CODE, WORD_MAP_OURS = ("first token, bicubic at token level (official code)",
+                                "token span, bilinear at mask level (ours)")
+PASSES_CODE, PASSES_ONE = "two passes (official code)", "one pass (ours)"
+SOURCE_TIP = ("Where the source latents x_t^src and the caption's maps come from. 'reconstruction (official code)', "
+              "default: a DDIM pass from the inverted noise with the caption (CFG-neutral: the caption as both "
+              "prompts), as the authors' code (Hleephilip/CSG) runs before editing: what the paper's figures show. "
+              "'inversion trajectory (paper Alg. 1)': the latents the inversion visited, as the paper's Algorithm 1 "
+              "writes it (no extra pass).")
 KEEP_DTYPES = {KEEP_FP16: torch.float16, KEEP_FP32: torch.float32}
 
 
@@ -52,6 +65,8 @@ class CSGSourceMaps:
     options_problem: Optional[str]    # why the mask node's model options would change the maps (None: plain)
     conds: object                     # the guider's original conditioning of the mask pass (the caption)
     nbytes: int
+    source: str = "inversion"         # SOURCES value: which latents the maps were made at
+    latents: Optional[torch.Tensor] = None   # the reconstruction's latents x_src per step index ("reconstruction")
 
     def __deepcopy__(self, memo):
         return self
@@ -107,11 +122,15 @@ def _same(a, b) -> bool:
         return False
 
 
-def reuse_problem(cached: CSGSourceMaps, model, extra_args: dict, x: torch.Tensor, sigmas) -> Optional[str]:
+def reuse_problem(cached: CSGSourceMaps, model, extra_args: dict, x: torch.Tensor, sigmas,
+                  source: str = "inversion") -> Optional[str]:
     """Why the sampler cannot use the mask pass's maps for this run (None when it can: the same model and options,
     the source caption as its negative, the same rows and every sigma captured)."""
     from ._host import model_signature
 
+    if cached.source != source:
+        return (f"the mask pass made them on the {cached.source} latents, the sampler's source_trajectory is the "
+                f"{source}")
     mine = model_signature(model.inner_model.model_patcher)
     if (mine.unet_id, mine.patches) != (cached.model.unet_id, cached.model.patches):
         return "the sampler's model is not the mask node's model (another checkpoint, LoRA or weight patch)"
@@ -139,6 +158,7 @@ class MixupSpec:
     token_map: torch.Tensor | None    # target token -> source token (None = identity)
     strength: float = 1.0             # scales the mixing weight of the source maps
     normalise: bool = True            # object mask / its max per layer and image (the authors' code)
+    two_pass: bool = True             # the code's first, unmixed UNet pass whose maps the second pass mixes
 
     def __deepcopy__(self, memo):     # immutable: ComfyUI 0.3.75 deep-copies model options on clone
         return self
@@ -186,7 +206,8 @@ def word_positions(clip, caption: str, word: str, node: str) -> list[int]:
 
 @own_rng
 def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, positions=None,
-             token_level=2, mask_level=0, out=None, keep=KEEP_NEVER, budget=KEEP_BUDGET, keep_dtype=torch.float16):
+             token_level=2, mask_level=0, out=None, keep=KEEP_NEVER, budget=KEEP_BUDGET, keep_dtype=torch.float16,
+             source="inversion", resize=RESIZE_OURS):
     raw_options = (extra_args or {}).get("model_options", {})
     extra_args = {**(extra_args or {}), "model_options": analysis_options(raw_options, MASK_NODE)}  # full-res maps
     calls = GuidedCalls(model, extra_args, MASK_NODE, self_attention=True)
@@ -195,15 +216,23 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
     token_hw = (max(1, h >> token_level), max(1, w >> token_level))
     if calls.joint:          # an MMDiT's joint blocks are all at its patch grid: every one gives the word map
         token_hw = (h, w)
-    traj = inversion.trajectory
+    nf = noise_form_of_model(model)
     denoise = calls.denoise_one("positive")
     cb = interruptible(callback)
     # batch "per image": each image alone (as guidance.ddim.per_row), so a batch's masks are the single-image masks
     # bit for bit; "batched" (default): the batch in one call
     whole = x.shape[0] == 1 or per_image_conds(model) or not per_image(extra_args or {})
     parts = [slice(None)] if whole else [slice(r, r + 1) for r in range(x.shape[0])]
-    word_maps, smoothed = [], []
+    word_maps, smoothed, source_latents = [], [], []
     steps = len(sigmas) - 1
+    if source == "reconstruction":
+        # the authors' code: a DDIM pass from x_T with the caption (CFG-neutral), x_T handed at the first level
+        traj = inversion.trajectory
+        start = rescale_input(traj.latents[-1], traj.sigmas[-1], sigmas[0], nf)
+        level = None
+    else:
+        traj = paired_trajectory(MASK_NODE, inversion)
+        level = lambda i, rows: traj.latents[traj.index_of_sigma(float(sigmas[i]))][rows].to(x)  # noqa: E731
     # The source maps for the CSG Sampler's mixup: every step's caption maps, as its lockstep source row makes them
     store = MapStore(conds=(0,), max_steps=steps, dtype=keep_dtype) if keep != KEEP_NEVER else None
     # the [HW, HW] self-attention map grows with the square of the positions (1 GiB at a 128x128 mask in fp32):
@@ -213,9 +242,13 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
         sa = LayerProbe(mask_hw) if two_pass else SelfAttentionMean(mask_hw)
         # First pass finds the self-attention resolution actually available (SDXL has none at full latent size).
         tm = None
+        lat = []
+        xi = start[rows].to(x) if level is None else None
         for i in range(steps):
             sigma = sigmas[i]
-            xi = traj.latents[traj.index_of_sigma(float(sigma))][rows].to(x)
+            if level is not None:
+                xi = level(i, rows)
+            lat.append(xi)
             # the same attention arithmetic whether or not the maps are kept (a no-op controller otherwise), so the
             # mask does not depend on the source_maps option
             controllers = ([tm] if tm is not None else []) + [Capture(store) if store is not None else
@@ -230,27 +263,34 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
             if not two_pass:
                 sa.end_step(i)
             if tm is None:
-                tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw)
+                tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw, resize=resize)
                 denoise(xi, sigma, AttentionCall(i, [tm]))
             tm.end_step(i)
             cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
-        word_maps.append(tm.mean())
+            if level is None:       # the reconstruction's next latent (DDIM with the caption's prediction)
+                xi = ddim_step(d, nf.eps(xi, sigma, d), sigma, sigmas[i + 1], form=nf) \
+                    if float(sigmas[i + 1]) > 0 else d
+        source_latents.append(torch.stack(lat))
+        # the code clamps the time-averaged word map before smoothing (its bicubic resizes overshoot [0, 1])
+        word = tm.mean().clamp(0, 1) if resize == RESIZE_CODE else tm.mean()
+        word_maps.append(word)
         if two_pass and sa.site is not None:
-            sm = SelfAttentionSmoothing(sa.site, sa.hw, tm.mean())
+            sm = SelfAttentionSmoothing(sa.site, sa.hw, word)
             for i in range(steps):
                 sigma = sigmas[i]
-                xi = traj.latents[traj.index_of_sigma(float(sigma))][rows].to(x)
-                d = denoise(xi, sigma, AttentionCall(i, []), AttentionCall(i, [sm]))
+                d = denoise(lat[i], sigma, AttentionCall(i, []), AttentionCall(i, [sm]))
                 sm.end_step(i)
-                cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
+                cb({"x": lat[i], "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
             smoothed.append(content_mask(sm.mean(), None))
         else:
-            smoothed.append(content_mask(tm.mean(), sa.mean() if getattr(sa, "total", None) is not None else None))
+            smoothed.append(content_mask(word, sa.mean() if getattr(sa, "total", None) is not None else None))
     maps = None
     if store is not None:
         maps = CSGSourceMaps(store, tuple(float(s) for s in sigmas[:-1]), x.shape[0],
                              model_signature(model.inner_model.model_patcher), foreign_options(raw_options),
-                             model.inner_model.original_conds["positive"], store.nbytes())
+                             model.inner_model.original_conds["positive"], store.nbytes(), source,
+                             torch.cat(source_latents, 1).to(comfy.model_management.intermediate_device())
+                             if source == "reconstruction" else None)
     out.append((torch.cat(word_maps), torch.cat(smoothed), maps))
     return x
 
@@ -290,6 +330,18 @@ class CSGMask(io.ComfyNode):
                                        "sampler's mixup skips its own source UNet row (about a third of its "
                                        "time). auto: keep them when they take at most 1 GB (logged otherwise); "
                                        "keep: always; don't keep: the sampler runs the source row."),
+                io.Combo.Input("source_pass", options=list(SOURCES), default=SOURCE_CODE, optional=True,
+                               tooltip=SOURCE_TIP + " The CSG Sampler's source_trajectory must say the same."),
+                io.Combo.Input("word_map", options=[WORD_MAP_CODE, WORD_MAP_OURS], default=WORD_MAP_CODE,
+                               optional=True,
+                               tooltip="How each step's word map is made. 'first token, bicubic at token level "
+                                       "(official code)', default: the word's first token, the layers averaged at "
+                                       "the token level (coarser ones upsampled bicubically), normalised by the "
+                                       "maximum there, upsampled bicubically to the mask resolution; the MASK then "
+                                       "holds the latent-resolution mask exactly (8x8 pixel blocks), as the code "
+                                       "uses it. 'token span, bilinear at mask level (ours)': every token of the "
+                                       "word, each layer upsampled bilinearly to the mask resolution and normalised "
+                                       "there; a smooth MASK."),
                 io.Combo.Input("source_maps_precision", options=list(KEEP_DTYPES), default=KEEP_FP16, optional=True,
                                tooltip="How the kept maps are stored. fp16 (default): half the memory (about 320 MB "
                                        "for 10 steps at 512 px on SD1.5), probabilities to 3 significant digits; "
@@ -312,20 +364,35 @@ class CSGMask(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, source_maps=None, source_pass=None, word_map=None, source_maps_precision=None):
+        return combo_check(cls, MASK_NODE, source_maps=source_maps, source_pass=source_pass, word_map=word_map,
+                           source_maps_precision=source_maps_precision)
+
+    @classmethod
     def execute(cls, model, clip, inversion, caption, word, token_level, mask_level,
-                source_maps=KEEP_AUTO, source_maps_precision=KEEP_FP16) -> io.NodeOutput:
+                source_maps=KEEP_AUTO, source_maps_precision=KEEP_FP16, source_pass=SOURCE_CODE,
+                word_map=WORD_MAP_CODE) -> io.NodeOutput:
         denoiser_of(model, MASK_NODE)
         check_inversion(MASK_NODE, inversion, model)
         check_caption(clip, caption, inversion.positive, MASK_NODE)
         positions = word_positions(clip, caption, word, MASK_NODE)
+        code_map = word_map == WORD_MAP_CODE
+        if code_map:
+            positions = positions[:1]             # the code reads the word's first token
+        source = SOURCES.get(source_pass, "reconstruction")
         traj = inversion.trajectory
-        sigmas = inversion.sigmas[:-1] if float(inversion.sigmas[-1]) == 0 else inversion.sigmas
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        if source == "reconstruction":            # the sampler's own schedule, x_T to the clean latent's level
+            sigmas = inversion.sigmas
+        else:
+            paired_trajectory(MASK_NODE, inversion)
+            sigmas = inversion.sigmas[:-1] if float(inversion.sigmas[-1]) == 0 else inversion.sigmas
+            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         out: list = []
         sampler = Z2IKSampler(_mask_fn, extra_options={
             "inversion": inversion, "positions": positions, "token_level": int(token_level),
             "mask_level": int(mask_level), "out": out, "keep": source_maps, "budget": KEEP_BUDGET,
-            "keep_dtype": KEEP_DTYPES.get(source_maps_precision, torch.float16)})
+            "keep_dtype": KEEP_DTYPES.get(source_maps_precision, torch.float16), "source": source,
+            "resize": RESIZE_CODE if code_map else RESIZE_OURS})
         latent = model.model.process_latent_out(traj.latents[-1]).cpu()
         comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, sampler, sigmas, inversion.positive,
                                    inversion.positive, latent, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
@@ -333,7 +400,11 @@ class CSGMask(io.ComfyNode):
         word_map, smoothed, maps = out[0]
         lat_h, lat_w = traj.latents.shape[-2:]
         size = (lat_h * 8, lat_w * 8)
-        up = lambda m: F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # noqa
+        if code_map:      # each latent pixel an 8x8 block: the sampler's area resize gives back the mask exactly
+            up = lambda m: F.interpolate(m[:, None].float(), size=size, mode="nearest")[:, 0]  # noqa: E731
+        else:
+            up = lambda m: F.interpolate(m[:, None].float(), size=size, mode="bilinear",  # noqa: E731
+                                         align_corners=False)[:, 0]
         obj = up(smoothed).clamp(0, 1).cpu()
         background = (1 - obj).clamp(0, 1)
         word_img = up(word_map / word_map.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).clamp(0, 1).cpu()
@@ -377,6 +448,13 @@ class CrossAttentionMixup(io.ComfyNode):
                                        "all-background mask stays as it is. none (paper Eq. 13): P as given; a "
                                        "CSG Content Mask's object peak is well below 1, so some source maps "
                                        "enter the object too (a weaker edit)."),
+                io.Combo.Input("passes", options=[PASSES_CODE, PASSES_ONE], default=PASSES_CODE, optional=True,
+                               tooltip="two passes (official code, default): each step runs the UNet once "
+                                       "unmixed to take the target maps of every layer, then again with those "
+                                       "maps mixed in (Hleephilip/CSG inject_attn): what the paper's figures "
+                                       "show; one more UNet call per step. one pass (ours): each layer mixes its "
+                                       "own maps as the call runs, so later layers see hidden states the earlier "
+                                       "mixing changed (a slightly different edit, a third less time)."),
             ],
             outputs=[io.Model.Output(display_name="model",
                                      tooltip="The patched model, for the model input of the SamplerCustom that runs "
@@ -385,8 +463,12 @@ class CrossAttentionMixup(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mask_normalisation=None, passes=None):
+        return combo_check(cls, MIXUP_NODE, mask_normalisation=mask_normalisation, passes=passes)
+
+    @classmethod
     def execute(cls, model, background, strength, clip=None, source_prompt="", target_prompt="",
-                mask_normalisation=NORMALISE_CODE) -> io.NodeOutput:
+                mask_normalisation=NORMALISE_CODE, passes=PASSES_CODE) -> io.NodeOutput:
         if strength == 0:
             return io.NodeOutput(model)
         unet = denoiser_of(model, MIXUP_NODE)
@@ -402,19 +484,23 @@ class CrossAttentionMixup(io.ComfyNode):
                 m.set_model_attn2_replace(over(attn2_at(m.model_options, s)), s.block, s.id, s.index)
         mask = background if background.ndim == 3 else background[None]
         m.model_options["transformer_options"][MIXUP_KEY] = MixupSpec(
-            mask.float().clamp(0, 1).cpu(), token_map, float(strength), mask_normalisation != NORMALISE_NONE)
+            mask.float().clamp(0, 1).cpu(), token_map, float(strength), mask_normalisation != NORMALISE_NONE,
+            passes != PASSES_ONE)
         return io.NodeOutput(m)
 
 
 @own_rng
 def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, background=None,
-            lambda_pre=15.0, delta=1.5, clamp=False, hard_mask_guard=True, source_maps=None, stats=None):
+            lambda_pre=10.0, delta=1.5, clamp=False, hard_mask_guard=True, source_maps=None, stats=None,
+            source="inversion"):
     check_sampler_inputs(CSG_NODE, model, x, inversion, flow_ok=True)
+    if source == "reconstruction":    # (the inversion form reads each level's latent and names a missing one)
+        check_schedule(CSG_NODE, inversion, sigmas)
     nf = noise_form_of_model(model)
     cached = None
     if source_maps is not None and (extra_args or {}).get("model_options", {}).get(
             "transformer_options", {}).get(MIXUP_KEY) is not None:
-        problem = reuse_problem(source_maps, model, extra_args or {}, x, sigmas)
+        problem = reuse_problem(source_maps, model, extra_args or {}, x, sigmas, source)
         if problem is None:
             cached = source_maps
         else:
@@ -422,9 +508,10 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                             CSG_NODE, problem)
     if stats is not None:
         stats["cached_source_maps"] = cached is not None
+        stats["unet_passes"] = 0
     extra_args, keep = inpainting(extra_args or {}, inversion, CSG_NODE)   # noise mask: keep the source outside
     spec = extra_args.get("model_options", {}).get("transformer_options", {}).get(MIXUP_KEY)
-    traj = inversion.trajectory
+    traj = paired_trajectory(CSG_NODE, inversion) if source == "inversion" else None
     bg = F.interpolate(background[:, None].float(), size=x.shape[-2:], mode="area")[:, 0].to(x)
     steps = len(sigmas) - 1
     if spec is not None:
@@ -437,46 +524,65 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                 extra_args = {**extra_args, "model_options": with_joint_patches(mo, len(net.joint_blocks))}
         elif foreign_attn2_sites(mo, cross_attention_sites(net)):
             extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, cross_attention_sites(net))}
-    calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=per_image(extra_args)) if spec is not None else None
+    # the source row: the caption's prediction at x_src, for the mixup's source maps and, with the reconstruction
+    # source, for x_src's own next step (the code's reference pass, run here in lockstep)
+    own_source = spec is not None and cached is None or source == "reconstruction" and cached is None
+    calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=per_image(extra_args)) \
+        if spec is not None or own_source else None
     if calls is not None:
         calls.refuse_masked(CSG_NODE, "positive", "negative")
+        if not calls.conds("negative"):
+            raise Z2IInputError(CSG_NODE, "negative (of the sampler node)", "no negative conditioning",
+                                "connect the source caption as the negative prompt")
     rows = rows_of(model, extra_args)      # the batch in one call, or each image as alone (batch "per image")
     store = MapStore(conds=(0,), max_steps=1)
-    source = calls.denoise_one("negative") if calls is not None else None
-    if calls is not None and not calls.conds("negative"):
-        raise Z2IInputError(CSG_NODE, "negative (of the sampler node)", "no negative conditioning",
-                            "connect the source caption as the negative prompt")
+    source_row = calls.denoise_one("negative") if own_source else None
     cb = interruptible(callback)
-    mix = None if spec is None else Mixup(cached.store if cached is not None else store,
-                                          spec.background.to(x.device), token_map=spec.token_map,
-                                          normalise=spec.normalise, strength=spec.strength)
+    current = MapStore(max_steps=1) if spec is not None and spec.two_pass else None
+    # the mixup resizes the latent-resolution mask to each layer, as the code resizes its M_hat
+    mix = None if spec is None else Mixup(cached.store if cached is not None else store, bg, token_map=spec.token_map,
+                                          normalise=spec.normalise, strength=spec.strength, current=current)
     clamp = pull_clamp(bg, clamp, hard_mask_guard and lambda_pre != 0)
+    x_src = x
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        try:
-            x_src = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
-        except KeyError:
-            raise Z2IInputError(CSG_NODE, "sigmas (of the sampler node)", f"sigma {float(sigma):.4g} is not on the "
-                                "inversion's schedule", "connect the DDIM Inversion 'sigmas' output") from None
+        step = cached.step_of(float(sigma)) if cached is not None else i
+        if cached is not None and cached.latents is not None:
+            x_src = cached.latents[step].to(x)
+        elif traj is not None:
+            try:
+                x_src = traj.latents[traj.index_of_sigma(float(sigma))].to(x)
+            except KeyError:
+                raise Z2IInputError(CSG_NODE, "sigmas (of the sampler node)", f"sigma {float(sigma):.4g} is not on "
+                                    "the inversion's schedule", "connect the DDIM Inversion 'sigmas' output") from None
+        hw = tuple(x.shape[-2:])           # full-frame calls only (area-conditioned crops run plain attention)
+        d_src = None
+        if source_row is not None:
+            d_src = source_row(x_src, sigma, AttentionCall(i, [Capture(store)] if spec is not None else [],
+                                                             latent_hw=hw))
         if spec is not None:
-            hw = tuple(x.shape[-2:])       # full-frame calls only (area-conditioned crops run plain attention)
-            if cached is not None:         # the mask pass's maps of this sigma (no source row)
-                denoised = calls.denoise_cfg(x, sigma, AttentionCall(cached.step_of(float(sigma)), [mix],
-                                                                     latent_hw=hw))
-            else:
-                source(x_src, sigma, AttentionCall(i, [Capture(store)], latent_hw=hw))
-                denoised = calls.denoise_cfg(x, sigma, AttentionCall(i, [mix], latent_hw=hw))
-                store.drop(i)
+            if current is not None:        # the code's first pass: the target maps of every layer, unmixed
+                calls.denoise_cfg(x, sigma, AttentionCall(step, [Capture(current)], latent_hw=hw))
+            denoised = calls.denoise_cfg(x, sigma, AttentionCall(step, [mix], latent_hw=hw))
+            store.drop(i)
+            if current is not None:
+                current.clear()
         else:
             denoised = rows(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+        if stats is not None:
+            stats["unet_passes"] += 1 + (current is not None) + (source_row is not None)
         cb({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if lambda_pre != 0:
-            x = csg_step(x, sigma, sigma_next, denoised, x_src, omega(bg, lambda_pre, i, steps, delta), clamp=clamp,
-                         form=nf)
+            x_next = csg_step(x, sigma, sigma_next, denoised, x_src, omega(bg, lambda_pre, i, steps, delta),
+                              clamp=clamp, form=nf)
         elif float(sigma_next) == 0:
-            x = denoised
+            x_next = denoised
         else:
-            x = ddim_step(denoised, nf.eps(x, sigma, denoised), sigma, sigma_next, form=nf)
+            x_next = ddim_step(denoised, nf.eps(x, sigma, denoised), sigma, sigma_next, form=nf)
+        if d_src is not None and source == "reconstruction":
+            x_src = ddim_step(d_src, nf.eps(x_src, sigma, d_src), sigma, sigma_next, form=nf) \
+                if float(sigma_next) > 0 else d_src
+        x = x_next
         if keep is not None:
             x = keep(x, sigma_next)
     return finish(x, sigmas, model_sigma_floor(model))     # diffusers' clean latent when the schedule ends at sigma(0)
@@ -508,8 +614,9 @@ class CSGSampler(io.ComfyNode):
                 "Edits the object named in the new prompt (cat -> dog) while pulling the background back toward "
                 "your original image at every step, without backpropagation. DDIM from the inverted noise with the "
                 "word-swapped caption, pulling background pixels toward the source trajectory with the Gaussian "
-                "posterior term -gamma_t * Omega_t * (x_t - x_t^src); no backpropagation. With a MODEL patched by "
-                "Cross-Attention Mixup it also runs the source branch in lockstep to mix the maps (Eq. 13). "
+                "posterior term -gamma_t * Omega_t * (x_t - x_t^src); no backpropagation. By default x_t^src comes "
+                "from a reconstruction pass run in lockstep, as the authors' code does (source_trajectory). With a "
+                "MODEL patched by Cross-Attention Mixup it mixes the source branch's maps in (Eq. 13). "
                 "SamplerCustom: add_noise off, the inversion's noise and sigmas, positive = target caption, "
                 "negative = source caption, cfg about 5. Ours, not the paper: with a hard (binary) mask the "
                 "pull is capped at 1, where Eq. 18 as written diverges (hard_mask_guard). Reference: Conditional "
@@ -517,9 +624,10 @@ class CSGSampler(io.ComfyNode):
             inputs=[
                 InversionType.Input("inversion", tooltip="From DDIM Inversion: the source trajectory x_t^src."),
                 io.Mask.Input("background", tooltip="Background probability P (CSG Content Mask)."),
-                io.Float.Input("lambda_pre", default=15.0, min=0.0, max=100.0, step=0.5,
-                               tooltip="lambda_pre of Eq. 15 (the authors: 15 for real images, 5 for generated). "
-                                       "0 = no posterior guidance (with no mixup: plain DDIM)."),
+                io.Float.Input("lambda_pre", default=10.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="lambda_pre of Eq. 15: 10 is the official script's default "
+                                       "(--posterior_guidance; its README once advised 15 for real images, 5 for "
+                                       "generated). 0 = no posterior guidance (with no mixup: plain DDIM)."),
                 io.Float.Input("delta", default=1.5, min=0.1, max=10.0, step=0.1,
                                tooltip="delta of Eq. 16: how fast the guided background region shrinks (1.5)."),
                 io.Boolean.Input("clamp_pull", default=False,
@@ -534,6 +642,11 @@ class CSGSampler(io.ComfyNode):
                                          "paper's pull reaches 15x the difference and the run diverges. Soft "
                                          "masks (CSG Content Mask) are left to the paper's Eq. 18: with 50 steps "
                                          "they leave B_t before the pull grows. Off = Eq. 18 as written."),
+                io.Combo.Input("source_trajectory", options=list(SOURCES), default=SOURCE_CODE, optional=True,
+                               tooltip=SOURCE_TIP + " With the reconstruction, the sampler runs it in lockstep (the "
+                                       "caption's prediction at x_src, one more UNet row per step unless the mask "
+                                       "node's source_maps are connected); the CSG Content Mask's source_pass must "
+                                       "say the same."),
                 CSGSourceMapsType.Input("source_maps", optional=True,
                                         tooltip="From CSG Content Mask (same model, the caption as this run's "
                                                 "negative): the mixup reads the source maps the mask pass kept "
@@ -549,12 +662,20 @@ class CSGSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, source_trajectory=None):
+        return combo_check(cls, CSG_NODE, source_trajectory=source_trajectory)
+
+    @classmethod
     def execute(cls, inversion, background, lambda_pre, delta, clamp_pull, hard_mask_guard=True,
-                source_maps=None) -> io.NodeOutput:
+                source_maps=None, source_trajectory=SOURCE_CODE) -> io.NodeOutput:
         mask = background if background.ndim == 3 else background[None]
+        source = SOURCES.get(source_trajectory, "reconstruction")
+        if source == "inversion":
+            paired_trajectory(CSG_NODE, inversion)
         return io.NodeOutput(Z2IKSampler(_csg_fn, extra_options={
             "inversion": inversion, "background": mask, "lambda_pre": float(lambda_pre), "delta": float(delta),
-            "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard), "source_maps": source_maps}))
+            "clamp": bool(clamp_pull), "hard_mask_guard": bool(hard_mask_guard), "source_maps": source_maps,
+            "source": source}))
 
 
 _mask_fn.z2i_node = MASK_NODE                 # named by the size guard (Z2IKSampler.check_size)

@@ -23,7 +23,7 @@ from ..guidance.inversion import sample_ddim_invert
 from ._host import (Z2IKSampler, Z2IInputError, check_inversion, check_latent, check_sampler_inputs, check_save_name,
                     combo_check,
                     downsample_factor, interruptible, listed_file_error, listed_fingerprint, model_signature, read_checked_safetensors, register_model_folder,
-                    save_name_error, save_unique, schedule_sigmas, unet_of, is_sd3)
+                    save_name_error, save_unique, schedule_sigmas, unet_of, is_sd3, paired_trajectory)
 from .clip_models import ClipLossModelType, image_decoder, ready
 from ._compose import analysis_options, inpainting, own_rng, per_image_conds, rows_of
 from ._guided import Helper, guided_run
@@ -177,7 +177,7 @@ class AsyrpSampler(io.ComfyNode):
 def _derive_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None, out=None):
     guider = model.inner_model
     base = guider.inner_model
-    traj = inversion.trajectory
+    traj = paired_trajectory(DERIVE, inversion)
     captured: dict = {}
     call = HCall(captured=captured, latent_hw=tuple(x.shape[-2:]))
     depth = len(getattr(base.diffusion_model, "joint_blocks", []))
@@ -246,7 +246,7 @@ class HDirectionFromPrompts(io.ComfyNode):
         source = source if source is not None else inversion.positive
         sig = inversion.sigmas
         sigmas = torch.cat([sig[sig > 0], sig.new_zeros(1)])
-        traj = inversion.trajectory
+        traj = paired_trajectory(DERIVE, inversion)
         latent = model.model.process_latent_out(traj.latents[-1]).cpu()
         out: list = []
         sampler = Z2IKSampler(_derive_fn, extra_options={"inversion": inversion, "out": out})

@@ -9,7 +9,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..guidance.inversion import sample_ddim_invert
+from ..guidance.inversion import rescale_input, sample_ddim_invert
 from ..guidance.regularizers import regularize_noise
 from ._compose import own_rng, rows_of
 from ._host import (Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, combo_check, denoiser_of,
@@ -19,13 +19,38 @@ from ._host import (Z2IKSampler, Z2IInputError, check_cond_batch, check_latent, 
 from .types import Inversion, InversionType
 
 NODE = "Z2I DDIM Inversion"
-VARIANTS = {"current level": "current", "target timestep": "target", "diffusers (exact)": "diffusers"}
+VARIANTS = {"current level": "current", "target timestep": "target", "diffusers (exact)": "diffusers",
+            "CSG code (N-2 steps)": "csg"}
+
+
+def csg_code_schedule(model, sigmas: torch.Tensor, node: str):
+    """The official CSG code's inversion on the sampling grid `sigmas` (descending, ending at 0; guidance.inversion
+    "csg"): (levels, eval_sigmas, reverse schedule). With the grid's timesteps T_0 < ... < T_{N-1}: levels
+    abar[T_k - 1] for k = 1..N-1 (as sigmas, ascending), eps of step k evaluated at sigma(T_k), and the reverse
+    schedule the grid ending at the lowest trained level (the code's final abar_0), as diffusers' DDIM."""
+    ms = model.get_model_object("model_sampling")
+    grid = sigmas[:-1].flip(0)                                     # ascending: T_0 .. T_{N-1}
+    if len(grid) < 3:
+        raise Z2IInputError(node, "steps", f"{len(grid)} steps: the CSG code's inversion takes N - 2 of them",
+                            "use at least 3 steps (the code uses 50)")
+    t = ms.timestep(grid).double()
+    if bool(((t - t.round()).abs() > 1e-3).any()) or float(t.round()[0]) < 1:
+        raise Z2IInputError(node, "scheduler", "the CSG code's inversion steps between trained timesteps (T - 1 "
+                            "to the next T - 1); this schedule's levels are not trained timesteps above 0",
+                            "use 'ddim_uniform' (the code's grid)")
+    t = t.round()
+    levels = ms.sigma((t[1:] - 1).to(grid.dtype)).to(grid)
+    evals = grid[1:-1]
+    floor = float(ms.sigma_min)
+    return levels, evals, torch.cat([sigmas[:-1], sigmas.new_full((1,), floor)])
 
 
 @own_rng
-def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-    return sample_ddim_invert(rows_of(model, extra_args or {}), x, sigmas, extra_args=extra_args, callback=interruptible(callback),
-                              disable=disable, **options)
+def _invert_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, start=None, **options):
+    x = sample_ddim_invert(rows_of(model, extra_args or {}), x, sigmas, extra_args=extra_args,
+                           callback=interruptible(callback), disable=disable, **options)
+    # the CSG code's x_T, handed to the sampler at its first level (one training step above where it sits)
+    return x if start is None else rescale_input(x, sigmas[-1], start)
 
 
 class DDIMInversion(io.ComfyNode):
@@ -62,7 +87,12 @@ class DDIMInversion(io.ComfyNode):
                                        "regulariser draws its shifts as diffusers does, and the returned "
                                        "sigmas end at that level, where every Z2I sampler returns the clean "
                                        "latent as diffusers does. Use it to match the paper's released "
-                                       "results; the other two are ours."),
+                                       "results. 'CSG code (N-2 steps)': the official CSG code's inversion (its "
+                                       "figures' source): N - 2 steps, eps at each grid timestep from the latent "
+                                       "one training step below it, x_T handed to the sampler one step above "
+                                       "where it sits (an off-by-one of that code, kept to reproduce it); for "
+                                       "the CSG nodes with their 'reconstruction (official code)' source. "
+                                       "'current level' and 'target timestep' are ours."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance while inverting. 1 = none, as every paper "
                                        "inverts; larger values break reconstruction. Needs 'negative' when not 1."),
@@ -110,6 +140,10 @@ class DDIMInversion(io.ComfyNode):
         check_cond_batch(negative, samples.shape[0], NODE, "negative")
         if variant not in VARIANTS:
             raise Z2IInputError(NODE, "variant", f"unknown value {variant!r}", f"use one of {list(VARIANTS)}")
+        if VARIANTS[variant] == "csg" and (is_sd3(model) or refine_iterations):
+            raise Z2IInputError(NODE, "variant", "'CSG code (N-2 steps)' reproduces the official CSG code's DDPM "
+                                "inversion, which has no refinement and no rectified-flow form",
+                                "use 'current level' on SD3, or set refine_iterations to 0")
         if is_sd3(model) and VARIANTS[variant] == "diffusers":
             raise Z2IInputError(NODE, "variant", "'diffusers (exact)' reproduces diffusers' DDPM inversion, which "
                                 "SD3 (rectified flow) does not have", "use 'current level' (the flow ODE's Euler "
@@ -127,7 +161,11 @@ class DDIMInversion(io.ComfyNode):
                                     "use 'ddim_uniform' (diffusers' grid) or another scheduler ending at 0")
             sigmas = sigmas.clone()
             sigmas[-1] = sigma_floor          # diffusers' set_alpha_to_one=False: the clean latent sits at abar_0
-        ascending = sigmas.flip(0)
+        ascending, schedule, extra = sigmas.flip(0), None, {}
+        if VARIANTS[variant] == "csg":
+            ascending, evals, schedule = csg_code_schedule(model, sigmas, NODE)
+            extra = {"eval_sigmas": evals, "start": float(schedule[0])}
+            sigmas = schedule
         reg = None
         if regularize and VARIANTS[variant] == "diffusers":
             gens = [torch.Generator().manual_seed(int(reg_seed)) for _ in range(samples.shape[0])]
@@ -139,10 +177,10 @@ class DDIMInversion(io.ComfyNode):
                                                   generator=gen)
         record: list = []
         options = {"variant": VARIANTS[variant], "refine": int(refine_iterations), "regularize": reg,
-                   "record": record, "sigma_floor": sigma_floor}
+                   "record": record, "sigma_floor": sigma_floor, **extra}
         sampler = Z2IKSampler(_invert_fn, extra_options=options)
         samples = comfy.sample.fix_empty_latent_channels(model, samples)
-        callback = latent_preview.prepare_callback(model, steps)
+        callback = latent_preview.prepare_callback(model, len(ascending) - 1)
         noise = comfy.sample.sample_custom(
             model, torch.zeros_like(samples), cfg, sampler, ascending, positive, negative, samples,
             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(reg_seed))
@@ -153,7 +191,8 @@ class DDIMInversion(io.ComfyNode):
         inversion = Inversion(trajectory=record[0].to(comfy.model_management.intermediate_device()),
                               model=model_signature(model), positive=positive,
                               negative=negative, cfg=float(cfg), variant=VARIANTS[variant],
-                              latent_shape=tuple(samples.shape))
+                              latent_shape=tuple(samples.shape),
+                              schedule=None if schedule is None else schedule.detach().clone())
         return io.NodeOutput(out, inversion, sigmas)
 
 

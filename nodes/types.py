@@ -45,8 +45,15 @@ class Inversion:
     cfg: float
     variant: str
     latent_shape: tuple
+    schedule: Any = None             # the reverse pass's sigmas when they are not the trajectory's levels ("csg")
 
     @property
     def sigmas(self):
         """The schedule for the reverse pass: descending, ending at the clean latent's level."""
-        return self.trajectory.sigmas.flip(0)
+        return self.schedule if self.schedule is not None else self.trajectory.sigmas.flip(0)
+
+    @property
+    def paired(self) -> bool:
+        """Whether the trajectory's levels are the reverse schedule's (every variant but the CSG code's, whose
+        latents sit one training step below the levels the sampler gives them)."""
+        return self.schedule is None

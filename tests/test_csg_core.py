@@ -176,3 +176,48 @@ def test_head_mean_apply_equals_the_map_times_the_vector():
     ref = head_mean(q, k, 4) @ m
     got = head_mean_apply(q, k, 4, m, chunk=64)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_token_map_code_resize_follows_the_official_path():
+    """TokenMapMean resize "code" (Hleephilip/CSG edit_pipeline.py:143-161): layers averaged at the token level
+    (a coarser layer upsampled bicubically to it), normalised by the maximum there, then upsampled bicubically to
+    the mask resolution; "ours" differs (bilinear to the mask resolution first)."""
+    import torch.nn.functional as F
+    from z2i.attention_patches.csg_mask import TokenMapMean
+    g = torch.Generator().manual_seed(0)
+    fine = torch.rand(1, 2, 16, 5, generator=g).softmax(-1)       # a 4x4 layer: [b, heads, Nq, Nk]
+    coarse = torch.rand(1, 2, 4, 5, generator=g).softmax(-1)      # a 2x2 layer
+    maps = {}
+    for resize in ("code", "ours"):
+        tm = TokenMapMean([1], hw=(8, 8), max_hw=(4, 4), resize=resize)
+        for i, probs in enumerate((fine, coarse)):
+            tm.process(probs, Site("output", i, 0), 0, AttentionCall(0, [tm], latent_hw=(8, 8)))
+        tm.end_step(0)
+        maps[resize] = tm.mean()
+    a = fine[..., 1].mean(1).reshape(1, 1, 4, 4)
+    b = F.interpolate(coarse[..., 1].mean(1).reshape(1, 1, 2, 2), size=(4, 4), mode="bicubic", align_corners=False)
+    m = (a + b) / 2
+    m = m / m.max()
+    expected = F.interpolate(m, size=(8, 8), mode="bicubic", align_corners=False)[:, 0]
+    assert torch.allclose(maps["code"], expected, atol=1e-6)
+    assert float((maps["ours"] - expected).abs().max()) > 1e-3
+
+
+def test_two_pass_mixup_mixes_the_first_pass_maps_not_its_own():
+    """With `current` (the official code's inject_attn): the mixed maps are the first pass's target maps mixed with
+    the source maps; the call's own maps (computed from hidden states the mixing may already have changed) are
+    discarded. Without first-pass maps for a layer, the call's own maps pass unchanged."""
+    site = Site("output", 3, 0)
+    g = torch.Generator().manual_seed(1)
+    src, first, own = (torch.rand(1, 2, 16, 5, generator=g).softmax(-1) for _ in range(3))
+    source, current = MapStore(), MapStore()
+    source.put(0, site, 0, src)
+    current.put(0, site, 1, first)
+    mask = torch.full((1, 4, 4), 0.25)
+    mix = Mixup(source, mask, normalise=False, current=current)
+    call = AttentionCall(0, [mix], latent_hw=(4, 4))
+    out = mix.process(own, site, 1, call)
+    assert torch.allclose(out, src * 0.25 + first * 0.75, atol=1e-7)
+    assert mix.process(own, site, 0, call) is own                  # no first-pass maps for cond 0
+    one_pass = Mixup(source, mask, normalise=False).process(own, site, 1, call)
+    assert torch.allclose(one_pass, src * 0.25 + own * 0.75, atol=1e-7)

@@ -8,6 +8,8 @@ from z2i.tests.helpers import EXACT_BATCH_TOL, batch_spread, inverted_image_grap
 pytestmark = pytest.mark.host
 
 CAPTION, TARGET = "a photo of a cat on a sofa", "a photo of a dog on a sofa"
+CODE_INVERSION = "CSG code (N-2 steps)"
+PAPER_SOURCE = "inversion trajectory (paper Alg. 1)"
 
 
 def graph(ckpt, lambda_pre=15.0, mixup=True, batch=1, steps=4, sampler=None, mask_level=0):
@@ -122,8 +124,12 @@ def test_binary_mask_stays_finite_with_default_settings(host, checkpoints, steps
     difference: the default hard-mask guard caps it (with a warning) and the background stays at the source.
     Measured on the tiny model (max abs error over the background against the encoded source, whose max is
     0.22): guarded 0.22 at 10 steps and 0.25 at 50; no guidance 33; Eq. 18 as written (guard off) 2e7 at 10
-    steps and 112 at 50. (Mixup only at 10 steps, to keep the 50-step run shorter.)"""
+    steps and 112 at 50. (Mixup only at 10 steps, to keep the 50-step run shorter.) With the paper's source, the
+    inversion's latents, whose last is the encoded source; the code's reconstruction source pulls the background to
+    the reconstruction instead (13 away from the source on this random model at 10 steps, its round-trip error)."""
     p = binary_mask(graph(checkpoints["sd15"], steps=steps), mixup=steps == 10)   # clamp_pull off, guard on
+    p["sampler"]["inputs"]["source_trajectory"] = PAPER_SOURCE
+    p["mask"]["inputs"]["source_pass"] = PAPER_SOURCE
     with caplog.at_level("WARNING"):
         res = host.run_prompt(p, targets=["s", "enc"])
     guarded, source = res.output("s", 0)["samples"], res.output("enc", 0)["samples"]
@@ -280,3 +286,130 @@ def test_linear_memory_smoothing_gives_the_same_mask(host, checkpoints, monkeypa
     assert two_bg.shape == one_bg.shape and two_bg.shape[0] == batch
     assert float((two_obj - one_obj).abs().max()) < 1e-5, float((two_obj - one_obj).abs().max())
     assert float((one_obj - one_obj.mean()).abs().max()) > 1e-3       # the mask is not flat: the check means something
+
+
+# -- the official code's form (issue 29): each of its behaviours pinned -------------------------------------------
+
+
+def test_defaults_are_the_official_codes():
+    """The nodes default to the authors' code (what the paper's figures show), the paper's reading an option."""
+    from z2i.nodes import csg
+    inputs = lambda node: {i.id: i for i in node.define_schema().inputs}  # noqa: E731
+    mask, mix, sampler = inputs(csg.CSGMask), inputs(csg.CrossAttentionMixup), inputs(csg.CSGSampler)
+    assert mask["source_pass"].default == csg.SOURCE_CODE and mask["word_map"].default == csg.WORD_MAP_CODE
+    assert mix["passes"].default == csg.PASSES_CODE and mix["mask_normalisation"].default == csg.NORMALISE_CODE
+    assert sampler["source_trajectory"].default == csg.SOURCE_CODE
+    assert sampler["lambda_pre"].default == 10.0            # the script's --posterior_guidance
+
+
+def test_code_inversion_visits_the_codes_timesteps_and_hands_x_T_one_level_up(host, checkpoints):
+    """10 steps: N - 2 = 8 UNet calls at timesteps 101, 201, ..., 801 (Hleephilip/CSG ddim_inv.py
+    timesteps.flip(0)[1:-1]); the reverse schedule is diffusers' grid 901, ..., 1 ending at abar_0; the noise is the
+    VP latent at abar[900] handed to the sampler at t = 901."""
+    import comfy.model_management
+    p = inverted_image_graph(checkpoints["sd15"], CAPTION, steps=10)
+    res = host.run_prompt(p, targets=["ckpt", "pos", "enc"])
+    model = res.output("ckpt", 0).clone()
+    ms = model.get_model_object("model_sampling")
+    seen = []
+
+    def recorder(apply_model, args):
+        seen.extend(round(float(t)) for t in ms.timestep(args["timestep"]))    # the wrapper sees sigmas
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(recorder)
+    node = host.node_classes["Z2I_DDIMInversion"]
+    with torch.inference_mode():       # as ComfyUI runs a node
+        out = node.execute(model=model, positive=res.output("pos", 0), latent=res.output("enc", 0), steps=10,
+                           scheduler="ddim_uniform", variant=CODE_INVERSION, cfg=1.0, denoise=1.0,
+                           refine_iterations=0, regularize=False, reg_lambda=20.0, reg_iterations=1, reg_seed=0)
+    noise, inversion, sigmas = out.result if hasattr(out, "result") else out
+    assert seen == [100 * k + 1 for k in range(1, 9)]
+    expected = torch.cat([ms.sigma(torch.tensor([901.0 - 100 * k for k in range(10)])),
+                          ms.sigma(torch.tensor([0.0]))])
+    assert torch.allclose(sigmas.float(), expected.float(), rtol=1e-5)
+    traj = inversion.trajectory
+    assert traj.steps == 8 and not inversion.paired
+    assert torch.allclose(traj.sigmas.float(), ms.sigma(torch.tensor([100.0 * k for k in range(1, 10)])).float(),
+                          rtol=1e-5)
+    top = float(traj.sigmas[-1])
+    x_t = model.model.process_latent_in(noise["samples"].to(comfy.model_management.intermediate_device()))
+    assert torch.allclose(x_t / (1 + float(sigmas[0]) ** 2) ** 0.5, traj.latents[-1] / (1 + top ** 2) ** 0.5,
+                          rtol=1e-5, atol=1e-6)
+
+
+def _code_form(p, inversion=CODE_INVERSION):
+    p["inv"]["inputs"]["variant"] = inversion
+    return p
+
+
+def test_reconstruction_source_makes_x_src_by_a_ddim_pass_from_the_noise(host, checkpoints):
+    """Edit prompt = caption: the edit itself is the code's reconstruction pass, so with the reconstruction source
+    x_t^tgt = x_t^src at every step, the pull vanishes for any lambda and the result is plain DDIM with the caption;
+    with the paper's source (the inversion's latents) the pull acts on the inversion's round-trip error."""
+    def build(source):
+        p = _code_form(graph(checkpoints["sd15"], lambda_pre=10.0, mixup=False), "current level")
+        p["s"]["inputs"]["positive"] = ["pos", 0]
+        p["sampler"]["inputs"]["source_trajectory"] = source
+        p["mask"]["inputs"]["source_pass"] = source
+        return p
+    plain = graph(checkpoints["sd15"], mixup=False, sampler={"class_type": "Z2I_DDIMSampler", "inputs": {"eta": 0.0}})
+    plain["s"]["inputs"]["positive"] = ["pos", 0]
+    ref = samples(host, plain)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    code, paper = rel(samples(host, build("reconstruction (official code)")), ref), rel(samples(host, build(PAPER_SOURCE)), ref)
+    assert code < 1e-4, code          # measured 1.5e-5: the CFG call's rows and the source row's round apart
+    assert paper > 1e-1, paper        # measured 1.7
+
+
+def test_paper_source_with_the_code_inversion_is_refused(host, checkpoints):
+    from z2i.headless.host import PromptFailed
+    p = _code_form(graph(checkpoints["sd15"], mixup=False, steps=4))
+    p["sampler"]["inputs"]["source_trajectory"] = PAPER_SOURCE
+    with pytest.raises(PromptFailed, match=r"Z2I CSG Sampler: input 'inversion': the 'CSG code \(N-2 steps\)' "
+                                           r"inversion's latents are not on the sampling schedule"):
+        host.run_prompt(p, targets=["s"])
+
+
+def test_code_word_map_gives_the_latent_mask_in_blocks(host, checkpoints):
+    """word_map (official code): the MASK holds the latent-resolution mask exactly, each latent pixel an 8x8 block
+    (the sampler's area resize returns the mask the code uses); ours is a smooth, different map."""
+    res = {}
+    for form in ("first token, bicubic at token level (official code)", "token span, bilinear at mask level (ours)"):
+        p = graph(checkpoints["sd15"])
+        p["mask"]["inputs"]["word_map"] = form
+        res[form] = host.run_prompt(p, targets=["mask"]).output("mask", 0)
+    code, ours = res.values()
+    blocks = code.reshape(1, 8, 8, 8, 8)
+    assert torch.equal(blocks, blocks[:, :, :1, :, :1].expand_as(blocks))
+    assert float((code - ours).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("passes,calls_per_step", [("two passes (official code)", 3), ("one pass (ours)", 2)])
+def test_two_pass_mixup_runs_an_unmixed_first_pass(host, checkpoints, passes, calls_per_step):
+    """The code's mixup: per step the source row, a first CFG pass (its eps discarded) and the injecting pass, both
+    passes at the same latent; one pass: the source row and one CFG call."""
+    import comfy.sample
+    p = graph(checkpoints["sd15"], lambda_pre=10.0)
+    p["mix"]["inputs"]["passes"] = passes
+    s = p["s"]["inputs"]
+    res = host.run_prompt(p, targets=["sampler", "mix", "tgt", "pos", "inv"])
+    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
+    calls = []
+
+    def recorder(apply_model, args):
+        calls.append((tuple(args["cond_or_uncond"]), args["input"].detach().clone()))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = out(s["model"]).clone()
+    model.set_model_unet_function_wrapper(recorder)
+    latent = out(s["latent_image"])["samples"]
+    with torch.inference_mode():
+        comfy.sample.sample_custom(model, torch.zeros_like(latent), s["cfg"], out(["sampler", 0]), out(s["sigmas"]),
+                                   out(s["positive"]), out(s["negative"]), latent)
+    assert len(calls) == 4 * calls_per_step
+    for step in range(4):
+        mine = calls[step * calls_per_step:(step + 1) * calls_per_step]
+        assert mine[0][0] == (1,)                               # the source row: the caption, labelled uncond
+        if calls_per_step == 3:
+            assert torch.equal(mine[1][1], mine[2][1]) and sorted(mine[1][0]) == [0, 1]

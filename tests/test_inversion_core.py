@@ -202,3 +202,55 @@ def test_diffusers_variant_round_trip_is_exact_and_ends_in_vp_units():
     assert torch.allclose(back, z, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="lowest trained level"):
         sample_ddim_invert(Model(), z, torch.tensor([0.0, 1.0], dtype=torch.float64), variant="diffusers")
+
+
+def _sd_alphas_cumprod():
+    """SD1.x's scaled-linear schedule (betas 0.00085..0.012 over 1000 steps), float64."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_csg_code_variant_is_the_official_vp_loop(steps):
+    """The "csg" variant against the official CSG code's loop written out in its own VP terms (Hleephilip/CSG
+    src/utils/ddim_inv.py + scheduler.py step(reverse=True), notes/csg_official_code.md section 1): for t in
+    timesteps.flip(0)[1:-1], eps = eps_theta(x, t), a_t = abar[t - 1], a_next = abar[t + r - 1]; on a closed-form
+    nonlinear eps model, in float64. Also: exactly N - 2 evaluations, at the timesteps 1 + k r, k = 1..N-2."""
+    ac = _sd_alphas_cumprod()
+    table = ((1 - ac) / ac).sqrt()                      # sigma of every trained timestep
+    r = 1000 // steps
+    grid = [1 + k * r for k in range(steps)]            # the code's (and ComfyUI's ddim_uniform) grid, ascending
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3
+
+    def eps_model(x_vp, t):                             # any smooth nonlinear function of (x, t) will do
+        return torch.tanh(torch.einsum("oc,bchw->bohw", w, x_vp)) + 0.5 * x_vp * (t / 1000.0)
+
+    x = z0.clone()
+    for t in grid[1:-1]:
+        eps = eps_model(x, t)
+        a_t, a_next = ac[t - 1], ac[t + r - 1]
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    official = x
+
+    seen = []
+
+    def denoiser(x_in, sigma, **_):                      # the same eps model behind ComfyUI's denoiser API
+        s = float(sigma[0])
+        t = int(torch.argmin((table - s).abs()))
+        assert abs(float(table[t]) - s) <= 1e-9 * s, "evaluated off the trained timesteps"
+        seen.append(t)
+        x_vp = x_in / math.sqrt(1 + s * s)
+        return x_in - s * eps_model(x_vp, t)
+
+    levels = table[[t - 1 for t in grid[1:]]]            # abar[T_k - 1], k = 1..N-1
+    evals = table[grid[1:-1]]                            # sigma(T_k), k = 1..N-2
+    ours = sample_ddim_invert(denoiser, z0.clone(), levels, variant="csg", eval_sigmas=evals)
+    assert seen == grid[1:-1]
+    ours_vp = ours / math.sqrt(1 + float(levels[-1]) ** 2)
+    assert float((ours_vp - official).norm() / official.norm()) < 1e-12
+    # and the other variants are not it
+    plain = sample_ddim_invert(denoiser, z0.clone(), levels, variant="current")
+    assert float((plain / math.sqrt(1 + float(levels[-1]) ** 2) - official).norm() / official.norm()) > 1e-3
