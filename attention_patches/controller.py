@@ -209,6 +209,13 @@ class Mixup(AttentionController):
         self.target_conds = frozenset(target_conds) if target_conds is not None else None
         self.normalise, self.strength = normalise, float(strength)
         self._p: dict = {}   # the layer masks of this run, by (h, w)
+        self._taken: dict = {}   # rows of the first pass's maps already injected, by (step, site, cond)
+
+    def next_step(self) -> None:
+        """The two-pass form: forget this step's first-pass maps and how many rows of them were injected."""
+        if self.current is not None:
+            self.current.clear()
+        self._taken.clear()
 
     def layer_mask(self, hw: tuple[int, int], device) -> torch.Tensor:
         """The mixing weight of the source maps at a layer of size hw: [B or 1, 1, h*w, 1]."""
@@ -227,14 +234,18 @@ class Mixup(AttentionController):
         if src is None:
             return probs
         if self.current is not None:
+            # the first pass made the same UNet calls in the same order (row by row, or another patch's extra call
+            # such as Skip Layer Guidance's), each appending its rows: this call takes the next rows in order
             cur = self.current.get(call.step, site, cond_index)
             if cur is None:
                 return probs
-            if call.row is not None and cur.shape[0] > probs.shape[0]:
-                cur = cur[call.row:call.row + probs.shape[0]]
+            key = (call.step, site, cond_index)
+            start = self._taken.get(key, 0)
+            cur = cur[start:start + probs.shape[0]]
             if cur.shape != probs.shape:
                 raise RuntimeError(f"z2i: the first pass's maps at {site} are {tuple(cur.shape)}, this call's "
                                    f"{tuple(probs.shape)}")
+            self._taken[key] = start + probs.shape[0]
             probs = cur.to(probs)
         src = src.to(probs)
         if self.token_map is not None:

@@ -116,7 +116,7 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if len(sigmas) < 2:
+    if len(sigmas) < (1 if variant == "csg" else 2):   # the code's loop is empty at 2 sampling steps
         raise ValueError("inversion needs at least two sigmas")
     if bool((sigmas[1:] <= sigmas[:-1]).any()):
         raise ValueError("inversion sigmas must be strictly ascending (flip the sampling schedule)")
@@ -171,7 +171,8 @@ def sample_ddim_invert(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args:
             x0s.append(x0)
             epss.append(eps)
     if record is not None:
+        none = x.new_zeros((0, *x.shape))
         record.append(Trajectory(sigmas=sigmas.detach().clone(), latents=torch.stack(latents),
-                                 x0=torch.stack(x0s), eps=torch.stack(epss)))
+                                 x0=torch.stack(x0s) if x0s else none, eps=torch.stack(epss) if epss else none))
     return x
 

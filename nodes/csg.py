@@ -565,8 +565,7 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
                 calls.denoise_cfg(x, sigma, AttentionCall(step, [Capture(current)], latent_hw=hw))
             denoised = calls.denoise_cfg(x, sigma, AttentionCall(step, [mix], latent_hw=hw))
             store.drop(i)
-            if current is not None:
-                current.clear()
+            mix.next_step()
         else:
             denoised = rows(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
         if stats is not None:

@@ -30,9 +30,9 @@ def csg_code_schedule(model, sigmas: torch.Tensor, node: str):
     schedule the grid ending at the lowest trained level (the code's final abar_0), as diffusers' DDIM."""
     ms = model.get_model_object("model_sampling")
     grid = sigmas[:-1].flip(0)                                     # ascending: T_0 .. T_{N-1}
-    if len(grid) < 3:
-        raise Z2IInputError(node, "steps", f"{len(grid)} steps: the CSG code's inversion takes N - 2 of them",
-                            "use at least 3 steps (the code uses 50)")
+    if len(grid) < 2:
+        raise Z2IInputError(node, "steps", f"{len(grid)} step: the CSG code's inversion needs a grid of two "
+                            "timesteps or more (it takes N - 2 steps)", "use at least 2 steps (the code uses 50)")
     t = ms.timestep(grid).double()
     if bool(((t - t.round()).abs() > 1e-3).any()) or float(t.round()[0]) < 1:
         raise Z2IInputError(node, "scheduler", "the CSG code's inversion steps between trained timesteps (T - 1 "

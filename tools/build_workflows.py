@@ -78,9 +78,15 @@ def pix2pix_zero_nodes(ckpt: str, sampler: str, sampler_inputs: dict, prefix: st
     ]
 
 
-def csg_nodes(ckpt: str, scheduler: str, clamp_pull: bool, prefix: str) -> list:
+def csg_nodes(ckpt: str, scheduler: str, clamp_pull: bool, prefix: str, code_inversion: bool = True) -> list:
     """The CSG graph: caption inversion, content mask of 'cat', cross-attention mixup, CSG sampler with the
-    word-swapped caption and the mask's source maps, the object map previewed."""
+    word-swapped caption and the mask's source maps, the object map previewed. Every choice the official code's
+    (issue 29): its inversion (UNet families; SD3 has no such form and inverts at the current level), the
+    reconstruction source, its word map, the two-pass mixup, lambda_pre 10."""
+    code = "reconstruction (official code)"
+    invert = inversion("pos", steps=50, regularize=False, scheduler=scheduler)
+    if code_inversion:
+        invert["variant"] = "CSG code (N-2 steps)"
     return [
         ("ckpt", "CheckpointLoaderSimple", {"ckpt_name": ckpt}),
         ("image", "LoadImage", {"image": EXAMPLE_IMAGE}),
@@ -89,16 +95,19 @@ def csg_nodes(ckpt: str, scheduler: str, clamp_pull: bool, prefix: str) -> list:
         ("tgt", "CLIPTextEncode", {"text": "a photo of a dog sitting on a sofa", "clip": ("ckpt", 1)},
          "Target prompt (word swapped)"),
         ("encode", "VAEEncode", {"pixels": ("image", 0), "vae": ("ckpt", 2)}),
-        ("invert", "Z2I_DDIMInversion", inversion("pos", steps=50, regularize=False, scheduler=scheduler)),
+        ("invert", "Z2I_DDIMInversion", invert),
         ("mask", "Z2I_CSGMask", {"model": ("ckpt", 0), "clip": ("ckpt", 1), "inversion": ("invert", 1),
                                  "caption": "a photo of a cat sitting on a sofa", "word": "cat",
-                                 "token_level": 2, "mask_level": 0}),
+                                 "token_level": 2, "mask_level": 0, "source_pass": code,
+                                 "word_map": "first token, bicubic at token level (official code)"}),
         ("mixup", "Z2I_CrossAttentionMixup", {"model": ("ckpt", 0), "background": ("mask", 0), "strength": 1.0,
                                               "clip": ("ckpt", 1),
                                               "source_prompt": "a photo of a cat sitting on a sofa",
-                                              "target_prompt": "a photo of a dog sitting on a sofa"}),
-        ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 15.0,
-                                       "delta": 1.5, "clamp_pull": clamp_pull, "source_maps": ("mask", 3)}),
+                                              "target_prompt": "a photo of a dog sitting on a sofa",
+                                              "passes": "two passes (official code)"}),
+        ("sampler", "Z2I_CSGSampler", {"inversion": ("invert", 1), "background": ("mask", 0), "lambda_pre": 10.0,
+                                       "delta": 1.5, "clamp_pull": clamp_pull, "source_maps": ("mask", 3),
+                                       "source_trajectory": code}),
         ("sample", "SamplerCustom", {"model": ("mixup", 0), "add_noise": False, "noise_seed": 0, "cfg": 5.0,
                                      "positive": ("tgt", 0), "negative": ("pos", 0), "sampler": ("sampler", 0),
                                      "sigmas": ("invert", 2), "latent_image": ("invert", 0)}),
@@ -178,16 +187,20 @@ WORKFLOWS: dict[str, dict] = {
     "z2i_csg": {
         "note": (
             "CSG, Conditional Score Guidance (Lee et al. 2023): cat -> dog with the background kept.\n\n"
-            "1. Invert the image with its caption.\n"
-            "2. CSG Content Mask finds the word 'cat' from the caption's attention (Eq. 11-12); its outputs "
-            "show the object map and the background mask.\n"
-            "3. Cross-Attention Mixup patches the model: background pixels attend as in the source (Eq. 13).\n"
-            "4. The CSG sampler samples with the word-swapped caption, pulling the background toward the source "
-            "trajectory (Eq. 18). No backpropagation: cheaper than pix2pix-zero. Its source_maps input reuses "
+            "Every setting follows the authors' official code (what the paper's figures show; the paper's "
+            "readings are options on each node).\n"
+            "1. Invert the image with its caption (variant 'CSG code (N-2 steps)', the code's inversion).\n"
+            "2. CSG Content Mask reconstructs the image from the noise with the caption and finds the word 'cat' "
+            "from its attention (Eq. 11-12); its outputs show the object map and the background mask.\n"
+            "3. Cross-Attention Mixup patches the model: background pixels attend as in the source (Eq. 13), in "
+            "two UNet passes per step as the code does.\n"
+            "4. The CSG sampler samples with the word-swapped caption, pulling the background toward the "
+            "reconstruction (Eq. 18). No backpropagation. Its source_maps input reuses "
             "the caption's attention maps the mask kept, skipping one UNet pass per step (the mask keeps up to "
             "1 GB by default; 50 steps at 512 px need about 3.3 GB, so set its source_maps to keep).\n\n"
             "What to change: the image; the caption and the same caption with the word swapped; the word; "
-            "lambda_pre (15 for real images, 5 for generated); steps 50 (with far fewer steps turn clamp_pull "
+            "lambda_pre (10, the code's default; its README once advised 15 for real images, 5 for generated); "
+            "steps 50 (with far fewer steps turn clamp_pull "
             "on, the pull over-corrects). Keep the caption as the negative prompt, cfg about 5."
             + swap_in("the Source prompt (caption) describes your image and contains the word; the Target prompt "
                       "is the same caption with the word swapped; CSG Content Mask (caption, word) and "
@@ -312,7 +325,8 @@ WORKFLOWS: dict[str, dict] = {
                       "Cross-Attention Mixup (source / target prompt) repeat the same texts.",
                       checkpoint="your SD3 checkpoint with its CLIP encoders included "
                       "(sd3_medium_incl_clips.safetensors is named here)")),
-        "nodes": csg_nodes("sd3_medium_incl_clips.safetensors", "simple", clamp_pull=True, prefix="z2i_sd3_csg"),
+        "nodes": csg_nodes("sd3_medium_incl_clips.safetensors", "simple", clamp_pull=True, prefix="z2i_sd3_csg",
+                           code_inversion=False),
     },
     "z2i_agg": {
         "note": (
