@@ -213,7 +213,7 @@ def _sd_alphas_cumprod():
 @pytest.mark.parametrize("steps", [10, 25])
 def test_csg_code_variant_is_the_official_vp_loop(steps):
     """The "csg" variant against the official CSG code's loop written out in its own VP terms (Hleephilip/CSG
-    src/utils/ddim_inv.py + scheduler.py step(reverse=True), notes/csg_official_code.md section 1): for t in
+    src/utils/ddim_inv.py + scheduler.py step(reverse=True), docs/CSG_OFFICIAL_CODE.md section 1): for t in
     timesteps.flip(0)[1:-1], eps = eps_theta(x, t), a_t = abar[t - 1], a_next = abar[t + r - 1]; on a closed-form
     nonlinear eps model, in float64. Also: exactly N - 2 evaluations, at the timesteps 1 + k r, k = 1..N-2."""
     ac = _sd_alphas_cumprod()

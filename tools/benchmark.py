@@ -119,6 +119,29 @@ def sampling(sampler: dict, positive="tgt", model=("ckpt", 0), cfg=5.0) -> dict:
 
 
 CSG_CACHED = "CSG (mixup + posterior guidance; sampler only, source maps from the mask pass)"
+CSG_PAPER = "CSG paper form (one-pass mixup, inversion trajectory; sampler only)"
+
+
+def csg_graph(cached: bool = False, paper: bool = False) -> tuple:
+    """CSG's mask, mixup and sampler: the official code's form (the nodes' defaults: reconstruction source run in
+    lockstep, two-pass mixup; the inversion stays 'current level', shared by every method here), or the paper's
+    (inversion trajectory, one-pass mixup, the span word map); `cached`: the sampler reads the mask pass's maps
+    (and, in the code's form, its reconstruction) instead of running a source row."""
+    source = "inversion trajectory (paper Alg. 1)" if paper else "reconstruction (official code)"
+    mask = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1], "caption": "a photo of a cat on a sofa",
+            "word": "cat", "token_level": 2, "mask_level": MASK_LEVEL[0], "source_pass": source,
+            "word_map": "token span, bilinear at mask level (ours)" if paper else
+            "first token, bicubic at token level (official code)"}
+    sampler = {"inversion": ["inv", 1], "background": ["mask", 0], "lambda_pre": 15.0, "delta": 1.5,
+               "clamp_pull": True, "source_trajectory": source}
+    if cached:
+        mask["source_maps"] = "keep"
+        sampler["source_maps"] = ["mask", 3]
+    return ({"mask": {"class_type": "Z2I_CSGMask", "inputs": mask},
+             "mix": {"class_type": "Z2I_CrossAttentionMixup", "inputs": {
+                 "model": ["ckpt", 0], "background": ["mask", 0], "strength": 1.0,
+                 "passes": "one pass (ours)" if paper else "two passes (official code)"}},
+             **sampling({"class_type": "Z2I_CSGSampler", "inputs": sampler}, model=("mix", 0))}, "s", "noise_seed")
 
 
 def agg_guided(steps: int) -> float:
@@ -152,25 +175,9 @@ def methods(steps: int) -> dict[str, tuple[dict, str, str]]:
             **sampling({"class_type": "Z2I_Pix2PixZeroConSampler", "inputs": {
                 "lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output", "n_patches": 256,
                 "tau": 0.07, "seed": 0, "layers": "input,middle,output"}}, positive="edit")}, "s", "noise_seed"),
-        "CSG (mixup + posterior guidance; sampler only)": ({
-            "mask": {"class_type": "Z2I_CSGMask", "inputs": {
-                "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],
-                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": MASK_LEVEL[0]}},
-            "mix": {"class_type": "Z2I_CrossAttentionMixup", "inputs": {"model": ["ckpt", 0],
-                                                                        "background": ["mask", 0], "strength": 1.0}},
-            **sampling({"class_type": "Z2I_CSGSampler", "inputs": {
-                "inversion": ["inv", 1], "background": ["mask", 0], "lambda_pre": 15.0, "delta": 1.5,
-                "clamp_pull": True}}, model=("mix", 0))}, "s", "noise_seed"),
-        CSG_CACHED: ({
-            "mask": {"class_type": "Z2I_CSGMask", "inputs": {
-                "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],
-                "caption": "a photo of a cat on a sofa", "word": "cat", "token_level": 2, "mask_level": MASK_LEVEL[0],
-                "source_maps": "keep"}},
-            "mix": {"class_type": "Z2I_CrossAttentionMixup", "inputs": {"model": ["ckpt", 0],
-                                                                        "background": ["mask", 0], "strength": 1.0}},
-            **sampling({"class_type": "Z2I_CSGSampler", "inputs": {
-                "inversion": ["inv", 1], "background": ["mask", 0], "lambda_pre": 15.0, "delta": 1.5,
-                "clamp_pull": True, "source_maps": ["mask", 3]}}, model=("mix", 0))}, "s", "noise_seed"),
+        "CSG (mixup + posterior guidance; sampler only)": csg_graph(),
+        CSG_CACHED: csg_graph(cached=True),
+        CSG_PAPER: csg_graph(paper=True),
         "CSG content mask (once per image)": ({
             "mask": {"class_type": "Z2I_CSGMask", "inputs": {
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "inversion": ["inv", 1],

@@ -59,7 +59,7 @@ downsamplings).
 
 Shims (runtime only; the official files stay untouched)
 --------------------------------------------------------
-The code targets diffusers 0.12.1 / transformers 4.2x (notes/csg_official_code.md section 7). For diffusers
+The code targets diffusers 0.12.1 / transformers 4.2x (docs/CSG_OFFICIAL_CODE.md section 7). For diffusers
 0.42 / transformers 5:
 - `diffusers.models.attention.CrossAttention` is gone: set to a subclass of `attention_processor.Attention`
   named `CrossAttention`, and every Attention module of the converted UNet is re-classed to it, so the code's
