@@ -25,7 +25,7 @@ def graph(ckpt, kind="global", iterations=4, steps=6, seed=0, size=64, **overrid
     return p
 
 
-@pytest.mark.parametrize("kind", ["global", "implicit"])
+@pytest.mark.parametrize("kind", ["global", pytest.param("implicit", marks=pytest.mark.once)])
 def test_training_lowers_the_loss_and_is_seeded(host, checkpoints, kind):
     p = graph(checkpoints["sd15"], kind)
     res = host.run_prompt(p, targets=["train"])

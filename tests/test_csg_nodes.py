@@ -343,6 +343,7 @@ def _code_form(p, inversion=CODE_INVERSION):
     return p
 
 
+@pytest.mark.once            # Z2I's arithmetic; its node path runs on every host in the other CSG tests
 def test_reconstruction_source_makes_x_src_by_a_ddim_pass_from_the_noise(host, checkpoints):
     """Edit prompt = caption: the edit itself is the code's reconstruction pass, so with the reconstruction source
     x_t^tgt = x_t^src at every step, the pull vanishes for any lambda and the result is plain DDIM with the caption;
@@ -371,6 +372,7 @@ def test_paper_source_with_the_code_inversion_is_refused(host, checkpoints):
         host.run_prompt(p, targets=["s"])
 
 
+@pytest.mark.once            # Z2I's arithmetic; its node path runs on every host in the other CSG tests
 def test_code_word_map_gives_the_latent_mask_in_blocks(host, checkpoints):
     """word_map (official code): the MASK holds the latent-resolution mask exactly, each latent pixel an 8x8 block
     (the sampler's area resize returns the mask the code uses); ours is a smooth, different map."""
@@ -385,7 +387,8 @@ def test_code_word_map_gives_the_latent_mask_in_blocks(host, checkpoints):
     assert float((code - ours).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("passes,calls_per_step", [("two passes (official code)", 3), ("one pass (ours)", 2)])
+@pytest.mark.parametrize("passes,calls_per_step", [("two passes (official code)", 3),
+                                                   pytest.param("one pass (ours)", 2, marks=pytest.mark.once)])
 def test_two_pass_mixup_runs_an_unmixed_first_pass(host, checkpoints, passes, calls_per_step):
     """The code's mixup: per step the source row, a first CFG pass (its eps discarded) and the injecting pass, both
     passes at the same latent; one pass: the source row and one CFG call."""

@@ -164,6 +164,7 @@ def test_zerocon_bad_feature_layer_is_named(host, checkpoints):
         host.run_prompt(graph(checkpoints["sd15"], 0.0, sampler=bad), targets=["s"])
 
 
+@pytest.mark.numeric          # Z2I's two evaluation paths of the same call: no host changes their equality
 def test_paired_halves_equal_one_call_per_half(host, checkpoints):
     """The code form batches its two guided halves (and their re-evaluation) into one UNet call; the result is
     what one call per half gives (the rows do not interact; only the kernels' batch partition differs)."""
