@@ -118,7 +118,8 @@ def binary_mask(p, mixup=True):
     return p
 
 
-@pytest.mark.parametrize("steps", [10, pytest.param(50, marks=pytest.mark.slow)])
+# (the 50-step case, measured as stated below, left the suite on 2026-12-07 to keep it within its 45 minutes)
+@pytest.mark.parametrize("steps", [10])
 def test_binary_mask_stays_finite_with_default_settings(host, checkpoints, steps, caplog):
     """A binary mask keeps its P = 1 pixels under B_t to the last step, where Eq. 18's pull is 15x the
     difference: the default hard-mask guard caps it (with a warning) and the background stays at the source.
