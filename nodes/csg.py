@@ -270,7 +270,8 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
             if level is None:       # the reconstruction's next latent (DDIM with the caption's prediction)
                 xi = ddim_step(d, nf.eps(xi, sigma, d), sigma, sigmas[i + 1], form=nf) \
                     if float(sigmas[i + 1]) > 0 else d
-        source_latents.append(torch.stack(lat))
+        if level is None:
+            source_latents.append(torch.stack(lat))
         # the code clamps the time-averaged word map before smoothing (its bicubic resizes overshoot [0, 1])
         word = tm.mean().clamp(0, 1) if resize == RESIZE_CODE else tm.mean()
         word_maps.append(word)
@@ -526,7 +527,7 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
             extra_args = {**extra_args, "model_options": with_z2i_attn2(mo, cross_attention_sites(net))}
     # the source row: the caption's prediction at x_src, for the mixup's source maps and, with the reconstruction
     # source, for x_src's own next step (the code's reference pass, run here in lockstep)
-    own_source = spec is not None and cached is None or source == "reconstruction" and cached is None
+    own_source = cached is None and (spec is not None or source == "reconstruction")
     calls = GuidedCalls(model, extra_args, CSG_NODE, rowwise=per_image(extra_args)) \
         if spec is not None or own_source else None
     if calls is not None:
@@ -539,8 +540,11 @@ def _csg_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inve
     source_row = calls.denoise_one("negative") if own_source else None
     cb = interruptible(callback)
     current = MapStore(max_steps=1) if spec is not None and spec.two_pass else None
-    # the mixup resizes the latent-resolution mask to each layer, as the code resizes its M_hat
-    mix = None if spec is None else Mixup(cached.store if cached is not None else store, bg, token_map=spec.token_map,
+    # the mixup's own mask (the Mixup node's input), at the latent's resolution, resized from there to each layer as
+    # the code resizes its M_hat (exact for the code's word map, whose MASK holds the latent mask in 8x8 blocks)
+    mix = None if spec is None else Mixup(cached.store if cached is not None else store,
+                                          F.interpolate(spec.background[:, None].float(), size=x.shape[-2:],
+                                                        mode="area")[:, 0].to(x), token_map=spec.token_map,
                                           normalise=spec.normalise, strength=spec.strength, current=current)
     clamp = pull_clamp(bg, clamp, hard_mask_guard and lambda_pre != 0)
     x_src = x

@@ -33,12 +33,11 @@ def csg_code_schedule(model, sigmas: torch.Tensor, node: str):
     if len(grid) < 2:
         raise Z2IInputError(node, "steps", f"{len(grid)} step: the CSG code's inversion needs a grid of two "
                             "timesteps or more (it takes N - 2 steps)", "use at least 2 steps (the code uses 50)")
-    t = ms.timestep(grid).double()
-    if bool(((t - t.round()).abs() > 1e-3).any()) or float(t.round()[0]) < 1:
+    t = ms.timestep(grid).float().round()                          # the nearest trained timestep of each level
+    if bool(((ms.sigma(t).to(grid) - grid).abs() > 1e-4 * grid).any()) or float(t[0]) < 1:
         raise Z2IInputError(node, "scheduler", "the CSG code's inversion steps between trained timesteps (T - 1 "
                             "to the next T - 1); this schedule's levels are not trained timesteps above 0",
                             "use 'ddim_uniform' (the code's grid)")
-    t = t.round()
     levels = ms.sigma((t[1:] - 1).to(grid.dtype)).to(grid)
     evals = grid[1:-1]
     floor = float(ms.sigma_min)

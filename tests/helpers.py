@@ -310,3 +310,40 @@ def run_sampler_with_stats(host, prompt: dict, positive: str, negative: str, cfg
                                          res.output("inv", 2), res.output(positive, 0), res.output(negative, 0),
                                          noise)
     return out, stats
+
+
+def sample_with_patch(host, p: dict, model_patch=None, sampler_node: str = "s"):
+    """Run graph `p` up to its SamplerCustom `sampler_node`, then core's sample_custom (what SamplerCustom does) with
+    model_patch(the sampler's MODEL): a patch that is not a node (a recording wrapper, a foreign attention
+    replace). Returns the samples."""
+    import comfy.sample
+    import torch
+    s = p[sampler_node]["inputs"]
+    targets = [s["sampler"][0], s["model"][0], s["positive"][0], s["negative"][0], s["latent_image"][0],
+               s["sigmas"][0]]
+    res = host.run_prompt(p, targets=targets)
+    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
+    model = out(s["model"])
+    latent = out(s["latent_image"])["samples"]
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model_patch(model) if model_patch else model, torch.zeros_like(latent),
+                                          s["cfg"], out(s["sampler"]), out(s["sigmas"]), out(s["positive"]),
+                                          out(s["negative"]), latent)
+
+
+def unet_call_recorder():
+    """(patch, calls): patch(model) -> a clone whose UNet function wrapper appends (cond_or_uncond, input, c) of
+    every UNet call to `calls` and runs the call unchanged."""
+    calls: list = []
+
+    def wrapper(apply_model, args):
+        calls.append((tuple(args["cond_or_uncond"]), args["input"].detach().clone(),
+                      {k: v.detach().clone() if hasattr(v, "detach") else v for k, v in args["c"].items()}))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def patch(model):
+        m = model.clone()
+        m.set_model_unet_function_wrapper(wrapper)
+        return m
+
+    return patch, calls

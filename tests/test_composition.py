@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from z2i.tests import test_agg_nodes, test_asyrp_nodes, test_csg_nodes, test_pix2pix_zero
+from z2i.tests.helpers import sample_with_patch, unet_call_recorder
 from z2i.tests.test_agg_nodes import lora_file  # noqa: F401  (fixture: writes the test LoRA)
 
 pytestmark = pytest.mark.host
@@ -159,18 +160,7 @@ GRAPH_PATCHES = ("ControlNet", "two ControlNets chained", "regional prompt (Cond
 def _samples(host, p, model_patch=None):
     if model_patch is None:
         return host.run_prompt(p, targets=["s"]).output("s", 0)["samples"]
-    # the graph up to the sampler, then core's sample_custom with the patched MODEL (what SamplerCustom does)
-    import comfy.sample
-    import comfy.samplers
-    s = p["s"]["inputs"]
-    targets = ["sampler", s["model"][0], s["positive"][0], s["negative"][0], s["latent_image"][0], s["sigmas"][0]]
-    res = host.run_prompt(p, targets=targets)
-    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
-    latent = out(s["latent_image"])["samples"]
-    with torch.inference_mode():
-        return comfy.sample.sample_custom(model_patch(out(s["model"])), torch.zeros_like(latent), s["cfg"],
-                                          out(["sampler", 0]), out(s["sigmas"]), out(s["positive"]),
-                                          out(s["negative"]), latent)
+    return sample_with_patch(host, p, model_patch)     # the patched MODEL through core's sample_custom
 
 
 def _at_128(build):
@@ -399,31 +389,17 @@ def test_unet_calls_carry_core_labels(host, checkpoints, method):
     zeroCon's paired call labelled the caption rows cond and the edit rows uncond, so any patch acting on one half
     acted on the other): a model function wrapper of another pack sees, for each chunk labelled 0 (cond), the
     positive prompt's embedding and for each chunk labelled 1 (uncond) the negative's."""
-    import comfy.sample
     build = METHODS[method][0]
     p = build(checkpoints["sd15"])
     s = p["s"]["inputs"]
     if method == "Asyrp":           # its graph samples with cfg 1 and one prompt: give it a CFG call to label
         s.update(negative=["tgt", 0], cfg=3.0)
-    targets = ["sampler", s["model"][0], s["positive"][0], s["negative"][0], s["latent_image"][0], s["sigmas"][0]]
-    res = host.run_prompt(p, targets=targets)
-    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
-    embed = {0: out(s["positive"])[0][0], 1: out(s["negative"])[0][0]}
+    res = host.run_prompt(p, targets=[s["positive"][0], s["negative"][0]])
+    embed = {0: res.output(*s["positive"])[0][0], 1: res.output(*s["negative"])[0][0]}
     assert not torch.equal(embed[0], embed[1])
-    seen = []
-
-    def recorder(apply_model, args):
-        cou = list(args["cond_or_uncond"])
-        ctx = args["c"]["c_crossattn"]
-        seen.extend((label, chunk.detach().clone()) for label, chunk in zip(cou, ctx.chunk(len(cou))))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model = out(s["model"]).clone()
-    model.set_model_unet_function_wrapper(recorder)
-    latent = out(s["latent_image"])["samples"]
-    with torch.inference_mode():
-        comfy.sample.sample_custom(model, torch.zeros_like(latent), s["cfg"], out(["sampler", 0]), out(s["sigmas"]),
-                                   out(s["positive"]), out(s["negative"]), latent)
+    patch, calls = unet_call_recorder()
+    sample_with_patch(host, p, patch)
+    seen = [(label, chunk) for cou, _, c in calls for label, chunk in zip(cou, c["c_crossattn"].chunk(len(cou)))]
     assert {label for label, _ in seen} == {0, 1}, "a branch never ran"
     for label, chunk in seen:
         ref = embed[label].to(chunk)

@@ -3,7 +3,8 @@ isolation."""
 import pytest
 import torch
 
-from z2i.tests.helpers import EXACT_BATCH_TOL, batch_spread, inverted_image_graph, two_image_batch
+from z2i.tests.helpers import (EXACT_BATCH_TOL, batch_spread, inverted_image_graph, sample_with_patch, two_image_batch,
+                               unet_call_recorder)
 
 pytestmark = pytest.mark.host
 
@@ -393,27 +394,34 @@ def test_code_word_map_gives_the_latent_mask_in_blocks(host, checkpoints):
 def test_two_pass_mixup_runs_an_unmixed_first_pass(host, checkpoints, passes, calls_per_step):
     """The code's mixup: per step the source row, a first CFG pass (its eps discarded) and the injecting pass, both
     passes at the same latent; one pass: the source row and one CFG call."""
-    import comfy.sample
     p = graph(checkpoints["sd15"], lambda_pre=10.0)
     p["mix"]["inputs"]["passes"] = passes
-    s = p["s"]["inputs"]
-    res = host.run_prompt(p, targets=["sampler", "mix", "tgt", "pos", "inv"])
-    out = lambda ref: res.output(ref[0], ref[1])  # noqa: E731
-    calls = []
-
-    def recorder(apply_model, args):
-        calls.append((tuple(args["cond_or_uncond"]), args["input"].detach().clone()))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model = out(s["model"]).clone()
-    model.set_model_unet_function_wrapper(recorder)
-    latent = out(s["latent_image"])["samples"]
-    with torch.inference_mode():
-        comfy.sample.sample_custom(model, torch.zeros_like(latent), s["cfg"], out(["sampler", 0]), out(s["sigmas"]),
-                                   out(s["positive"]), out(s["negative"]), latent)
+    patch, calls = unet_call_recorder()
+    sample_with_patch(host, p, patch)
     assert len(calls) == 4 * calls_per_step
     for step in range(4):
         mine = calls[step * calls_per_step:(step + 1) * calls_per_step]
         assert mine[0][0] == (1,)                               # the source row: the caption, labelled uncond
         if calls_per_step == 3:
             assert torch.equal(mine[1][1], mine[2][1]) and sorted(mine[1][0]) == [0, 1]
+
+
+def test_code_inversion_refuses_levels_off_the_trained_timesteps(host, checkpoints):
+    from z2i.headless.host import PromptFailed
+    p = _code_form(graph(checkpoints["sd15"], mixup=False))
+    p["inv"]["inputs"]["scheduler"] = "sgm_uniform"      # levels at fractional timesteps (749.25, ...)
+    with pytest.raises(PromptFailed, match=r"Z2I DDIM Inversion: input 'scheduler': the CSG code's inversion steps "
+                                           r"between trained timesteps"):
+        host.run_prompt(p, targets=["inv"])
+
+
+@pytest.mark.once            # Z2I's wiring of the mixup's input; its node path runs on every host elsewhere
+def test_mixup_mixes_by_its_own_background(host, checkpoints):
+    """The mixup mixes by the mask given to Cross-Attention Mixup, not by the sampler's (which gates the pull): with
+    the pull off, another mask on the mixup node alone changes the edit."""
+    a = graph(checkpoints["sd15"], lambda_pre=0.0)
+    b = graph(checkpoints["sd15"], lambda_pre=0.0)
+    b["half"] = {"class_type": "SolidMask", "inputs": {"value": 0.5, "width": 64, "height": 64}}
+    b["mix"]["inputs"]["background"] = ["half", 0]
+    rel = float((samples(host, a) - samples(host, b)).norm() / samples(host, a).norm())
+    assert rel > 1e-4, rel
