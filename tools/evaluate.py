@@ -1,0 +1,392 @@
+"""Measure every method's edits in the toy world (issue 30): how often the edit happens, how much of the source's
+structure and background survives, against the baselines a user would use instead.
+
+Like the benchmark, a tool and not a test. For each task of tools/toy_world/world.py (object swap circle ->
+square, colour red -> green, background black -> striped) it draws N held-out source scenes, renders them, and
+runs every method as a real ComfyUI graph in one in-process host (headless/host.py) on the toy checkpoint
+(tools/toy_world/toy_model.py), with the shipped workflows' node settings (tools/build_workflows.py) except
+the image, the checkpoint, the prompts and the step count. Sources that share a caption run as one batch.
+The rule-based judge (tools/toy_world/judge.py) reads each result.
+
+Rows: the ground truth (the edited scene rendered), the reconstruction (inversion and back, no edit), the
+baselines (prompt swap: inversion + the target caption with no guidance; pix2pix-zero's direction without
+guidance; SDEdit at strengths 0.5 and 0.75; diffusers' pix2pix-zero pipeline on the same weights) and the
+methods (pix2pix-zero, pix2pix-zeroCon, CSG, AGG, Asyrp with a derived direction).
+
+Metrics (after the papers' own): edit = the judge sees the target value; kept = the two other attributes are
+the source's; IoU = the judged object mask against the source's true mask (for the object swap the ground truth
+itself scores the circle/square overlap, shown in its row); centre / size = error against the ground-truth
+edit's judged position (pixels) and half-extent (relative); unedited = mean absolute pixel error (0..255) to the
+source where nothing should change (outside the object for object and colour edits, inside it for the background
+edit); CSG's content mask IoU with the true object mask.
+
+Usage: python tools/evaluate.py [--n 50] [--steps 50] [--tasks ...] [--methods ...] [--write]
+  --write  writes EVALUATION.md and docs/evaluation.png (else out/evaluation/)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import build_workflows as bw  # noqa: E402
+from toy_world import world  # noqa: E402
+from toy_world.judge import iou, judge  # noqa: E402
+
+CKPT = "z2i-toy-sd15.safetensors"
+BANK = 100                     # sentences per side of an edit direction (the shipped Edit Direction default)
+
+
+# -- graphs --------------------------------------------------------------------------------------------------------
+def _api(nodes: list) -> dict:
+    """build_workflows' node lists -> an API prompt (node keys as ids)."""
+    out = {}
+    for n in nodes:
+        key, cls, inputs = n[0], n[1], n[2]
+        out[key] = {"class_type": cls, "inputs": {k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in inputs.items()}}
+    return out
+
+
+def _images(names: list[str]) -> list:
+    """LoadImage per file, chained through ImageBatch into one batch under the key 'image'."""
+    nodes = [(f"img{i}", "LoadImage", {"image": n}) for i, n in enumerate(names)]
+    prev = "img0"
+    for i in range(1, len(names)):
+        key = "image" if i == len(names) - 1 else f"batch{i}"
+        nodes.append((key, "ImageBatch", {"image1": (prev, 0), "image2": (f"img{i}", 0)}))
+        prev = key
+    if len(names) == 1:
+        nodes[0] = ("image", "LoadImage", {"image": names[0]})
+    return nodes
+
+
+def _swap_image(nodes: list, names: list[str]) -> list:
+    return _images(names) + [n for n in nodes if n[0] != "image"]
+
+
+def _set(nodes: list, key: str, **inputs) -> list:
+    out = []
+    for n in nodes:
+        if n[0] == key:
+            n = (n[0], n[1], {**n[2], **inputs}, *n[3:])
+        out.append(n)
+    return out
+
+
+def _steps(nodes: list, steps: int) -> list:
+    out = []
+    for n in nodes:
+        if n[1] in ("Z2I_DDIMInversion", "BasicScheduler"):
+            n = (n[0], n[1], {**n[2], "steps": steps}, *n[3:])
+        elif n[1] == "Z2I_HDirectionTrain":
+            n = (n[0], n[1], {**n[2], "steps": steps}, *n[3:])
+        out.append(n)
+    return out
+
+
+def _direction(task: world.Task) -> tuple:
+    src = "\n".join(world.sentence_bank(task.attribute, task.source, BANK))
+    tgt = "\n".join(world.sentence_bank(task.attribute, task.target, BANK))
+    return ("direction", "Z2I_EditDirection", {"clip": ("ckpt", 1), "source": task.source, "target": task.target,
+                                               "num_sentences": BANK, "seed": 0, "source_sentences": src,
+                                               "target_sentences": tgt})
+
+
+def _p2pz(sampler: str, inputs: dict, task, cap: str) -> list:
+    return bw.pix2pix_zero_nodes(CKPT, sampler, inputs, "eval", direction=_direction(task),
+                                 caption=("pos", "CLIPTextEncode", {"text": cap, "clip": ("ckpt", 1)}))
+
+
+def _workflow_nodes(name: str) -> list:
+    return [tuple(n) for n in bw.WORKFLOWS[name]["nodes"]]
+
+
+def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], steps: int) -> tuple[dict, str]:
+    """The API prompt of one method on a batch of images (files in the input folder) -> (prompt, decode node id)."""
+    if method == "reconstruction":
+        nodes = _set(_workflow_nodes("z2i_inversion_reconstruction"), "pos", text=cap)
+    elif method == "prompt swap":
+        nodes = _set(_workflow_nodes("z2i_inversion_reconstruction"), "pos", text=cap)
+        nodes.append(("tgt", "CLIPTextEncode", {"text": tgt, "clip": ("ckpt", 1)}))
+        nodes = _set(nodes, "sample", positive=("tgt", 0), negative=("pos", 0), cfg=5.0)
+    elif method.startswith("SDEdit"):
+        strength = float(method.split()[-1])
+        nodes = _set(_workflow_nodes("z2i_ddim_img2img"), "pos", text=tgt)
+        nodes = _set(nodes, "neg", text="")
+        nodes = _set(nodes, "sigmas", denoise=strength)
+    elif method == "pix2pix-zero, no guidance":
+        nodes = _p2pz("Z2I_DDIMSampler", {"eta": 0.0}, task, cap)
+    elif method == "pix2pix-zero":
+        nodes = _p2pz("Z2I_Pix2PixZeroSampler",
+                      {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, task, cap)
+    elif method == "pix2pix-zeroCon":
+        nodes = _p2pz("Z2I_Pix2PixZeroConSampler",
+                      {"lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output",
+                       "n_patches": 256, "tau": 0.07, "seed": 0, "layers": "input,middle,output"}, task, cap)
+    elif method == "CSG":
+        nodes = bw.csg_nodes(CKPT, "ddim_uniform", clamp_pull=False, prefix="eval")
+        nodes = _set(nodes, "pos", text=cap)
+        nodes = _set(nodes, "tgt", text=tgt)
+        nodes = _set(nodes, "mask", caption=cap, word=task.source)
+        nodes = _set(nodes, "mixup", source_prompt=cap, target_prompt=tgt)
+    elif method == "AGG":
+        nodes = _set(_set(_workflow_nodes("z2i_agg"), "src", text=cap), "tgt", text=tgt)
+    elif method == "Asyrp (derived)":
+        nodes = _set(_set(_workflow_nodes("z2i_asyrp_derived"), "src", text=cap), "tgt", text=tgt)
+    else:
+        raise KeyError(method)
+    nodes = _set(nodes, "ckpt", ckpt_name=CKPT)
+    nodes = [n for n in nodes if n[1] not in ("SaveImage", "PreviewImage", "Z2I_SaveHDirection",
+                                              "Z2I_SaveEditDirection")]
+    nodes = _steps(_swap_image(nodes, names), steps)
+    return _api(nodes), "decode"
+
+
+METHODS = ("reconstruction", "prompt swap", "pix2pix-zero, no guidance", "SDEdit 0.5", "SDEdit 0.75",
+           "diffusers pix2pix-zero", "pix2pix-zero", "pix2pix-zeroCon", "CSG", "AGG", "Asyrp (derived)")
+BASELINES = {"reconstruction", "prompt swap", "pix2pix-zero, no guidance", "SDEdit 0.5", "SDEdit 0.75",
+             "diffusers pix2pix-zero"}
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    from scipy import ndimage
+    return ndimage.binary_dilation(mask, iterations=r) if r > 0 else mask
+
+
+def _erode(mask: np.ndarray, r: int) -> np.ndarray:
+    from scipy import ndimage
+    return ndimage.binary_erosion(mask, iterations=r)
+
+
+def score(task: world.Task, src: world.Scene, image: np.ndarray) -> dict:
+    """One edited image against its source scene and the ground-truth edit."""
+    gt_scene = task.edited(src)
+    src_img = np.asarray(world.render(src)).astype(np.float32)
+    src_mask = np.asarray(world.object_mask(src)) >= 128
+    gt_mask = np.asarray(world.object_mask(gt_scene)) >= 128
+    gt = judge(np.asarray(world.render(gt_scene)))
+    v = judge(image)
+    others = [a for a in ("shape", "colour", "background") if a != task.attribute]
+    row = {"found": v.found, "edit": bool(v.found and v.attribute(task.attribute) == task.target),
+           "kept": bool(v.found and all(v.attribute(a) == getattr(src, a) for a in others)),
+           "iou_src": iou(v.mask, src_mask) if v.found else 0.0}
+    if v.found:
+        row["centre"] = math.hypot(v.cx - gt.cx, v.cy - gt.cy)
+        row["size"] = abs(v.half - gt.half) / gt.half
+    diff = np.abs(image.astype(np.float32) - src_img).mean(-1)
+    if task.attribute == "background":
+        region = _erode(src_mask, 2)
+    else:
+        region = ~_dilate(src_mask | gt_mask | (v.mask if v.found else src_mask), 2)
+    row["unedited"] = float(diff[region].mean()) if region.any() else float("nan")
+    return row
+
+
+def csg_mask_iou(background: np.ndarray, src: world.Scene) -> float:
+    """CSG Content Mask's background MASK (1 = background) -> object = below 0.5, IoU with the true mask."""
+    from PIL import Image
+    obj = background < 0.5
+    if obj.shape != (world.SIZE, world.SIZE):
+        obj = np.asarray(Image.fromarray(obj.astype(np.uint8) * 255).resize((world.SIZE, world.SIZE),
+                                                                                Image.Resampling.NEAREST)) >= 128
+    return iou(obj, np.asarray(world.object_mask(src)) >= 128)
+
+
+# -- running -------------------------------------------------------------------------------------------------------
+class Runner:
+    """Runs the graphs in one in-process host (the process's own, e.g. a test's); sources go to a subfolder of its
+    input folder, nothing is saved to its output folder."""
+
+    SUBFOLDER = "z2i_eval"
+
+    def __init__(self, steps: int, host=None):
+        if host is None:
+            from z2i.headless.host import Host
+            host = Host.get()
+        self.steps = steps
+        self.host = host
+        self.peer = None
+        self.folder = Path(host.folder_paths.get_input_directory()) / self.SUBFOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def images(self, task, scenes: list[world.Scene], tag: str) -> list[str]:
+        names = []
+        for i, s in enumerate(scenes):
+            name = f"{tag}_{i:03d}.png"
+            world.render(s).save(self.folder / name)
+            names.append(f"{self.SUBFOLDER}/{name}")
+        return names
+
+    def run(self, method: str, task, cap: str, tgt: str, names: list[str]):
+        """-> (uint8 images [B, H, W, 3], extra outputs)"""
+        if method == "diffusers pix2pix-zero":
+            return self.run_peer(task, cap, names), {}
+        prompt, out = graph(method, task, cap, tgt, names, self.steps)
+        targets = [out] + (["mask"] if method == "CSG" else [])
+        res = self.host.run_prompt(prompt, targets=targets)
+        imgs = (res.output(out, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        extra = {"mask": res.output("mask", 0).cpu().numpy()} if method == "CSG" else {}
+        return imgs, extra
+
+    def run_peer(self, task, cap: str, names: list[str]) -> np.ndarray:
+        """diffusers' StableDiffusionPix2PixZeroPipeline on the toy checkpoint's weights (tools/peer_pix2pix_zero.py),
+        with our graph's caption, direction and VAE-encoded latent (regularised inversion, cfg 5, xa 0.1)."""
+        import peer_pix2pix_zero as peer
+        import torch
+        peer.ensure_bench_deps()
+        nodes = _p2pz("Z2I_DDIMSampler", {"eta": 0.0}, task, cap)
+        nodes = _steps(_swap_image(nodes, names), self.steps)
+        prompt = _api([n for n in nodes if n[1] != "SaveImage"])
+        res = self.host.run_prompt(prompt, targets=["ckpt", "pos", "encode", "direction"])
+        model = res.output("ckpt", 0)
+        src = res.output("pos", 0)[0][0].float()
+        raw = res.output("encode", 0)["samples"].float()
+        delta = res.output("direction", 0).delta.float()
+        scale = model.get_model_object("latent_format").scale_factor
+        if self.peer is None:
+            ckpt = self.host.folder_paths.get_full_path("checkpoints", CKPT)
+            self.peer = peer.build_pipeline(ckpt, model.model.model_config.unet_config, self.host.host_dir)
+        out = []
+        for i in range(raw.shape[0]):
+            peer.reset(self.peer)
+            img = peer.edit(self.peer, (raw[i:i + 1] * scale).contiguous(), src, src, delta, self.steps, 5.0, 0.1,
+                            0, world.SIZE)
+            out.append((img[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+            del img
+        torch.set_grad_enabled(True)
+        return np.stack(out)
+
+
+def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=print):
+    runner = Runner(steps, host)
+    results = {}
+    grids = {}
+    t_all = time.time()
+    for task in tasks:
+        scenes = world.task_sources(task, n, seed)
+        names = runner.images(task, scenes, task.name.replace(" ", "_"))
+        groups = defaultdict(list)
+        for i, s in enumerate(scenes):
+            groups[world.caption(s)].append(i)
+        rows = {"ground truth": [score(task, s, np.asarray(world.render(task.edited(s)))) for s in scenes]}
+        shown = {"source": [np.asarray(world.render(s)) for s in scenes[:4]],
+                 "ground truth": [np.asarray(world.render(task.edited(s))) for s in scenes[:4]]}
+        times = {}
+        for method in methods:
+            t0 = time.time()
+            per = [None] * n
+            mask_iou = []
+            images = [None] * n
+            for cap, idx in groups.items():
+                tgt = world.caption(task.edited(scenes[idx[0]]))
+                imgs, extra = runner.run(method, task, cap, tgt, [names[i] for i in idx])
+                for j, i in enumerate(idx):
+                    per[i] = score(task, scenes[i], imgs[j])
+                    images[i] = imgs[j]
+                    if "mask" in extra:
+                        m = extra["mask"]
+                        mask_iou.append(csg_mask_iou(m[j if m.shape[0] > 1 else 0], scenes[i]))
+            rows[method] = per
+            if mask_iou:
+                rows[method + " mask"] = mask_iou
+            times[method] = time.time() - t0
+            shown[method] = images[:4]
+            log(f"{task.name}: {method}: {summarise(per)['edit']:.0%} edited, {times[method]:.0f} s")
+        results[task.name] = {"rows": rows, "seconds": times}
+        grids[task.name] = shown
+    return results, grids, time.time() - t_all
+
+
+def summarise(per: list) -> dict:
+    def mean(key):
+        vals = [r[key] for r in per if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        return float(np.mean(vals)) if vals else float("nan")
+    return {"n": len(per), "edit": mean("edit"), "kept": mean("kept"), "iou_src": mean("iou_src"),
+            "centre": mean("centre"), "size": mean("size"), "unedited": mean("unedited"), "found": mean("found")}
+
+
+def grid_png(grids: dict, path: Path) -> None:
+    """One block per task: a column per method (source, ground truth, each method), four sources as rows."""
+    from PIL import Image, ImageDraw
+    s, pad, label = world.SIZE, 2, 14
+    blocks = []
+    for task, shown in grids.items():
+        cols = list(shown)
+        rows = len(shown["source"])
+        img = Image.new("RGB", (len(cols) * (s + pad), label + 12 + rows * (s + pad)), "white")
+        d = ImageDraw.Draw(img)
+        d.text((2, 0), task, fill="black")
+        for c, name in enumerate(cols):
+            d.text((c * (s + pad), 12), name[:11], fill="black")
+            for r, im in enumerate(shown[name]):
+                if im is not None:
+                    img.paste(Image.fromarray(im), (c * (s + pad), label + 12 + r * (s + pad)))
+        blocks.append(img)
+    w = max(b.width for b in blocks)
+    out = Image.new("RGB", (w, sum(b.height for b in blocks)), "white")
+    y = 0
+    for b in blocks:
+        out.paste(b, (0, y))
+        y += b.height
+    out.save(path)
+
+
+def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> str:
+    lines = [f"N = {n} held-out sources per task, {steps} steps, {seconds / 60:.0f} minutes in all on this machine.",
+             "", f"![sources, ground truth and each method's edit]({grid})", ""]
+    for task, res in results.items():
+        t = next(x for x in world.TASKS if x.name == task)
+        lines += [f"### {task}: {t.source} -> {t.target}", "",
+                  "| row | edit | others kept | IoU with source | centre err (px) | size err | unedited err | "
+                  "seconds |", "|---|---|---|---|---|---|---|---|"]
+        for name, per in res["rows"].items():
+            if name.endswith(" mask"):
+                continue
+            s = summarise(per)
+            secs = res["seconds"].get(name)
+            lines.append(f"| {name} | {s['edit']:.0%} | {s['kept']:.0%} | {s['iou_src']:.2f} | {s['centre']:.1f} | "
+                         f"{s['size']:.2f} | {s['unedited']:.1f} | {'' if secs is None else f'{secs:.0f}'} |")
+        if "CSG mask" in res["rows"]:
+            lines.append(f"\nCSG content mask IoU with the true object mask: "
+                         f"{np.mean(res['rows']['CSG mask']):.2f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", default=",".join(t.name for t in world.TASKS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "evaluation")
+    ap.add_argument("--write", action="store_true", help="write EVALUATION.md's tables and docs/evaluation.png")
+    args = ap.parse_args()
+    tasks = [t for t in world.TASKS if t.name in args.tasks.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, grids, secs = evaluate(args.n, args.steps, tasks, methods, args.seed)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
+    grid_png(grids, grid)
+    md = markdown(results, args.n, args.steps, secs, "docs/evaluation.png" if args.write else "evaluation.png")
+    (args.out / "tables.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
