@@ -146,6 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                     help="where ComfyUI computes (default: $Z2I_DEVICE, else auto = CUDA when a GPU is seen)")
     ap.add_argument("-q", "--quiet", action="store_true", help="only errors from ComfyUI (hides its start-up import warnings)")
+    srv = ap.add_argument_group("server mode (batch editing on running ComfyUI servers; docs/HEADLESS_RUNNER.md)")
+    srv.add_argument("--server", action="append", default=[], metavar="URL",
+                     help="a running ComfyUI server with this pack (repeat for several); the jobs go there instead "
+                          "of an in-process ComfyUI. Auth from $Z2I_SERVER_TOKEN or $Z2I_SERVER_HEADER only")
+    srv.add_argument("--jobs", type=Path, help="per-image parameters, one job per row (CSV with a header or JSON "
+                                               "lines): image, caption, source, target, seed, NODE.INPUT")
+    srv.add_argument("--depth", type=int, default=2, help="prompts kept queued per server (default 2)")
+    srv.add_argument("--job-timeout", type=float, default=1800.0,
+                     help="seconds a job may run before it is interrupted and re-queued elsewhere (default 1800)")
+    srv.add_argument("--retries", type=int, default=2,
+                     help="times a job is re-queued after its server stops answering, per run (default 2)")
+    srv.add_argument("--max-attempts", type=int, default=3,
+                     help="failed attempts over all runs after which a rerun skips a job (default 3)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bars on stderr: over the images and per node step (default: on when stderr "
                          "is a terminal and not --quiet)")
@@ -164,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as e:
         print(f"error: {args.workflow} is not valid JSON: {e}", file=sys.stderr)
         return 2
+    if args.jobs and not args.server:
+        print("error: --jobs needs --server (per-row parameters are a server-mode feature)", file=sys.stderr)
+        return 2
+    if args.server:
+        from .headless.servers import run_batch
+        return run_batch(args, data, lambda line: print(line, file=sys.stderr), show_progress, apply_sets,
+                         parse_set, IMAGE_SUFFIXES)
     try:
         host = Host.get(args.comfyui, output_dir=args.output_dir, device=args.device)
     except (HostMissing, ValueError, RuntimeError) as e:
