@@ -432,6 +432,8 @@ class Batch:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout=2.0)
             except asyncio.TimeoutError:
                 pass
+            if not server.alive:                # another of its jobs found it gone
+                raise ServerGone(f"{server.url}: stopped answering")
             if time.time() > deadline:
                 await self._interrupt(server, pid)
                 raise ServerGone(f"{server.url}: the job ran past --job-timeout {self.job_timeout:.0f} s")
@@ -600,8 +602,8 @@ class Batch:
 
     async def _cancel_all(self) -> None:
         """Ctrl-C: delete this run's queued prompts and interrupt its running ones, on every live server."""
-        for s in self.servers:
-            ids = list(s.running)
+        # snapshot first: the cancelled workers drop their prompt ids as soon as this coroutine first awaits
+        for s, ids in [(s, list(s.running)) for s in self.servers]:
             if not ids or not s.alive:
                 continue
             try:
