@@ -509,14 +509,16 @@ class Batch:
                 self.failed.append((job, f"failed {self.manifest.attempts(job)} times in earlier runs"))
             else:
                 todo.append(job)
+        if not todo:                        # nothing to send: no server needs to be up
+            self.say(f"summary: 0 run, {skipped} skipped (done or failed before), nothing to do")
+            for job, err in self.failed:
+                self.say(f"failed: {job.image.name if job.image else f'row {job.row}'}: {err}")
+            return 1 if self.failed else 0
         headers = auth_headers()
         async with aiohttp.ClientSession(headers=headers) as session:
             for s in self.servers:
                 s.session = session
             await asyncio.gather(*(preflight(s, self.prompt, version) for s in self.servers))
-            if not todo:
-                self.say(f"summary: 0 run, {skipped} skipped (done or failed before), nothing to do")
-                return 1 if self.failed else 0
             self.bar = tqdm(total=len(todo), unit="image", disable=not self.show_progress, dynamic_ncols=True)
             for s in self.servers:
                 s.ws_task = asyncio.create_task(self._listen(s))
@@ -641,7 +643,15 @@ def run_batch(args, data: dict, say: Callable[[str], None], show_progress: bool,
     """The runner's server mode (python -m z2i.run ... --server URL): see the module docstring."""
     from .workflow import WorkflowError, is_api_format, ui_to_api
     try:
-        info = fetch_object_info(args.server[0])
+        info, errors = None, []
+        for url in args.server:             # the node schemas of the first server that answers (for UI -> API)
+            try:
+                info = fetch_object_info(url)
+                break
+            except BatchError as e:
+                errors.append(str(e))
+        if info is None:
+            raise BatchError("; ".join(errors))
         if is_api_format(data):
             prompt = data
         else:

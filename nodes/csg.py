@@ -266,6 +266,12 @@ def _mask_fn(model, x, sigmas, extra_args=None, callback=None, disable=None, inv
                 tm = TokenMapMean(positions, hw=sa.hw or mask_hw, max_hw=token_hw, resize=resize)
                 denoise(xi, sigma, AttentionCall(i, [tm]))
             tm.end_step(i)
+            if i == 0 and getattr(tm, "total", None) is None:
+                raise Z2IInputError(MASK_NODE, "token_level", f"this model has no cross-attention layer at "
+                                    f"{token_hw[0]}x{token_hw[1]} or coarser (1/{2 ** token_level} of the "
+                                    f"{h}x{w} latent): the word map would be empty",
+                                    "lower token_level (each step down doubles the map's size; SD1.5 at 512 px "
+                                    "has maps down to level 3; a small image or a shallow model has fewer)")
             cb({"x": xi, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": d})
             if level is None:       # the reconstruction's next latent (DDIM with the caption's prediction)
                 xi = ddim_step(d, nf.eps(xi, sigma, d), sigma, sigmas[i + 1], form=nf) \

@@ -53,6 +53,18 @@ def test_wrong_word_is_named(host, checkpoints):
         host.run_prompt(p, targets=["mask"])
 
 
+def test_token_level_without_cross_attention_is_named(host, checkpoints):
+    """The tiny SD1.5 has cross-attention down to 1/4 of the latent: at token_level 3 (1/8: 1x1 of the 8x8 latent)
+    the word map would be empty; the mask node says so after its first step, naming the input and the fix (the
+    toy-world model, whose coarsest level is 1/2, met this with the shipped workflows' level 2)."""
+    from z2i.headless.host import PromptFailed
+    p = graph(checkpoints["sd15"])
+    p["mask"]["inputs"]["token_level"] = 3
+    with pytest.raises(PromptFailed, match=r"Z2I CSG Mask: input 'token_level': this model has no cross-attention "
+                                           r"layer at 1x1 or coarser.*lower token_level"):
+        host.run_prompt(p, targets=["mask"])
+
+
 def test_zero_guidance_is_plain_ddim_with_the_target_prompt(host, checkpoints):
     a = samples(host, graph(checkpoints["sd15"], lambda_pre=0.0, mixup=False))
     b = samples(host, graph(checkpoints["sd15"], mixup=False,

@@ -78,7 +78,9 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ~40-150 s each on 2 idle cores; a busy machine made the 50-step case pass 900 s (the suite's default timeout)
 @pytest.mark.timeout(2700)
-@pytest.mark.parametrize("size,steps", [(64, 50), (128, 10)])
+# the 128 px / 10 steps case (measured in the docstring) left the suite for time (2026-12-07, 57 s): the 64 px /
+# 50 steps case runs every stage; benchmark.py's peer comparison runs the same pipeline at 256 and 512 px
+@pytest.mark.parametrize("size,steps", [(64, 50)])
 def test_pix2pix_zero_matches_diffusers_stage_by_stage(host, checkpoints, peer, size, steps):
     import comfy.sample
     import comfy.samplers

@@ -107,7 +107,7 @@ def test_auth_comes_from_the_environment_only(monkeypatch):
 
 # -- against real ComfyUI servers (0.3.75 with this pack and the tiny SD1.5) ---------------------------------------
 WORKFLOW = REPO / "workflows" / "z2i_ddim_img2img.json"
-STEPS = 12          # enough that a server holds each job for a few seconds (it must be killed while it does)
+STEPS = 6           # a server holds each job for a second or more (it must be killed while it does)
 
 
 def _sources(folder: Path, n: int) -> list[Path]:
@@ -166,65 +166,22 @@ def _in_process(host, image: Path, params: dict):
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
-@pytest.fixture
-def two_servers(tmp_path):
+@pytest.fixture(scope="module")
+def two_servers(tmp_path_factory):
+    """Two real servers for this module's tests (started once: the kill test, last in the file, ends one)."""
     from z2i.headless.host import find_host
     from z2i.tests.helpers import ComfyServer
     started = []
+    root = tmp_path_factory.mktemp("servers")
     try:
         for k in range(2):
-            s = ComfyServer(find_host(), tmp_path / f"server{k}")
+            s = ComfyServer(find_host(), root / f"server{k}")
             s.start()
             started.append(s)
         yield started
     finally:
-        for s in started:               # by process id, also the one the test killed
+        for s in started:               # by process id, also the one the kill test ended
             s.stop()
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_batch_across_two_servers_survives_a_killed_server(two_servers, tmp_path, host):
-    """6 images with per-image prompts and seeds across two servers; one server is SIGKILLed while it runs a job:
-    every output is present exactly once, equal to the in-process run of the same job (PNG bytes decoded: measured
-    bit-equal, both at 2 threads), the manifest has one 'done' line per job, and a rerun does nothing."""
-    import numpy as np
-    import time
-    a, b = two_servers
-    images = _sources(tmp_path / "in", 6)
-    rows = [{"image": p.name, "Positive prompt.text": f"a picture number {i}", "seed": 100 + i}
-            for i, p in enumerate(images)]
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = tmp_path / "out"
-    args = ["--server", a.url, "--server", b.url, "--jobs", str(jobs), "--input-dir", str(tmp_path / "in"),
-            "--output-dir", str(out), "--set", f"BasicScheduler.steps={STEPS}", "--job-timeout", "300"]
-    proc = _client(args)
-    deadline = time.time() + 300
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        if b.get_json("/queue")["queue_running"]:
-            b.proc.kill()                       # SIGKILL while it holds a job
-            killed = True
-            break
-        time.sleep(0.2)
-    assert killed, "server B never ran a job"
-    rc, log = _finish(proc)
-    assert rc == 0, log
-    entries = _manifest(out)
-    assert sorted(e["status"] for e in entries) == ["done"] * 6, log
-    assert len({e["job"] for e in entries}) == 6
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len(pngs) == 6 and sorted(o for e in entries for o in e["outputs"]) == pngs
-    assert "re-queueing" in log
-    for row, image in zip(rows, images):
-        e = next(x for x in entries if x["image"].endswith(image.name))
-        got = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / e["outputs"][0]).convert("RGB"),
-                         dtype=np.int16)
-        want = _in_process(host, image, {k: v for k, v in row.items() if k != "image"})
-        assert np.array_equal(got, want), (image.name, int(np.abs(got - want).max()))
-    rc, log = _finish(_client(args))
-    assert rc == 0 and "0 run" in log and len(_manifest(out)) == 6, log
 
 
 @pytest.mark.server
@@ -272,3 +229,48 @@ def test_batch_preflight_validation_and_resume(two_servers, tmp_path):
     entries = _manifest(out)
     assert sorted(e["status"] for e in entries) == ["done"] * 4 and len({e["job"] for e in entries}) == 4
     assert len(list(out.glob("*.png"))) == 4
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_batch_across_two_servers_survives_a_killed_server(two_servers, tmp_path, host):
+    """6 images with per-image prompts and seeds across two servers; one server is SIGKILLed while it runs a job:
+    every output is present exactly once, equal to the in-process run of the same job (PNG bytes decoded: measured
+    bit-equal, both at 2 threads), the manifest has one 'done' line per job, and a rerun does nothing."""
+    import numpy as np
+    import time
+    a, b = two_servers
+    images = _sources(tmp_path / "in", 6)
+    rows = [{"image": p.name, "Positive prompt.text": f"a picture number {i}", "seed": 100 + i}
+            for i, p in enumerate(images)]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["--server", a.url, "--server", b.url, "--jobs", str(jobs), "--input-dir", str(tmp_path / "in"),
+            "--output-dir", str(out), "--set", f"BasicScheduler.steps={STEPS}", "--job-timeout", "300"]
+    proc = _client(args)
+    deadline = time.time() + 300
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if b.get_json("/queue")["queue_running"]:
+            b.proc.kill()                       # SIGKILL while it holds a job
+            killed = True
+            break
+        time.sleep(0.2)
+    assert killed, "server B never ran a job"
+    rc, log = _finish(proc)
+    assert rc == 0, log
+    entries = _manifest(out)
+    assert sorted(e["status"] for e in entries) == ["done"] * 6, log
+    assert len({e["job"] for e in entries}) == 6
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 6 and sorted(o for e in entries for o in e["outputs"]) == pngs
+    assert "re-queueing" in log
+    for row, image in zip(rows, images):
+        e = next(x for x in entries if x["image"].endswith(image.name))
+        got = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / e["outputs"][0]).convert("RGB"),
+                         dtype=np.int16)
+        want = _in_process(host, image, {k: v for k, v in row.items() if k != "image"})
+        assert np.array_equal(got, want), (image.name, int(np.abs(got - want).max()))
+    rc, log = _finish(_client(args))
+    assert rc == 0 and "0 run" in log and len(_manifest(out)) == 6, log

@@ -123,7 +123,7 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
         nodes = _set(_workflow_nodes("z2i_ddim_img2img"), "pos", text=tgt)
         nodes = _set(nodes, "neg", text="")
         nodes = _set(nodes, "sigmas", denoise=strength)
-    elif method == "pix2pix-zero, no guidance":
+    elif method == "pix2pix-zero (no guidance)":
         nodes = _p2pz("Z2I_DDIMSampler", {"eta": 0.0}, task, cap)
     elif method == "pix2pix-zero":
         nodes = _p2pz("Z2I_Pix2PixZeroSampler",
@@ -136,7 +136,9 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
         nodes = bw.csg_nodes(CKPT, "ddim_uniform", clamp_pull=False, prefix="eval")
         nodes = _set(nodes, "pos", text=cap)
         nodes = _set(nodes, "tgt", text=tgt)
-        nodes = _set(nodes, "mask", caption=cap, word=task.source)
+        # token_level 0, not the workflow's 2: the toy UNet's cross-attention is at 8x8 and 4x4 (64 px images), so
+        # level 2 (2x2) has no maps; 0 averages both levels (SD1.5 at 512 px: 16x16 and coarser)
+        nodes = _set(nodes, "mask", caption=cap, word=task.source, token_level=0)
         nodes = _set(nodes, "mixup", source_prompt=cap, target_prompt=tgt)
     elif method == "AGG":
         nodes = _set(_set(_workflow_nodes("z2i_agg"), "src", text=cap), "tgt", text=tgt)
@@ -151,9 +153,9 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
     return _api(nodes), "decode"
 
 
-METHODS = ("reconstruction", "prompt swap", "pix2pix-zero, no guidance", "SDEdit 0.5", "SDEdit 0.75",
+METHODS = ("reconstruction", "prompt swap", "pix2pix-zero (no guidance)", "SDEdit 0.5", "SDEdit 0.75",
            "diffusers pix2pix-zero", "pix2pix-zero", "pix2pix-zeroCon", "CSG", "AGG", "Asyrp (derived)")
-BASELINES = {"reconstruction", "prompt swap", "pix2pix-zero, no guidance", "SDEdit 0.5", "SDEdit 0.75",
+BASELINES = {"reconstruction", "prompt swap", "pix2pix-zero (no guidance)", "SDEdit 0.5", "SDEdit 0.75",
              "diffusers pix2pix-zero"}
 
 
@@ -248,7 +250,7 @@ class Runner:
         nodes = _steps(_swap_image(nodes, names), self.steps)
         prompt = _api([n for n in nodes if n[1] != "SaveImage"])
         res = self.host.run_prompt(prompt, targets=["ckpt", "pos", "encode", "direction"])
-        model = res.output("ckpt", 0)
+        model, vae = res.output("ckpt", 0), res.output("ckpt", 2)
         src = res.output("pos", 0)[0][0].float()
         raw = res.output("encode", 0)["samples"].float()
         delta = res.output("direction", 0).delta.float()
@@ -256,6 +258,8 @@ class Runner:
         if self.peer is None:
             ckpt = self.host.folder_paths.get_full_path("checkpoints", CKPT)
             self.peer = peer.build_pipeline(ckpt, model.model.model_config.unet_config, self.host.host_dir)
+            # the conversion agrees with ComfyUI's modules (UNet, CLIP, TAESD with its scale and shift) or raises
+            self.peer_check = peer.check_conversion(self.peer, model, vae, cap, src[:1], raw[:1])
         out = []
         for i in range(raw.shape[0]):
             peer.reset(self.peer)

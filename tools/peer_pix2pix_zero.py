@@ -13,7 +13,8 @@ config written here and loaded with the checkpoint's own tensors, converted loca
   pipeline needs one, but it is only handed embeddings).
 - AutoencoderTiny: the tiny checkpoints carry a TAESD VAE (tools/make_tiny_checkpoints.py), whose two
   nn.Sequential stacks are diffusers' EncoderTiny/DecoderTiny layers (the decoder's leading Clamp is
-  DecoderTiny's tanh, so its indices shift by one). TAESD works on scaled latents: scaling_factor 1.
+  DecoderTiny's tanh, so its indices shift by one). TAESD works on scaled latents: scaling_factor 1 for the tiny
+  checkpoints; the toy world's TAESD carries its own scale and shift (see build_pipeline).
 - DDIMScheduler / DDIMInverseScheduler: SD1.5's scheduler config (scaled-linear betas 0.00085..0.012,
   steps_offset 1), whose 10-step grid (901, 801, ..., 1) is ComfyUI's 'ddim_uniform'.
 
@@ -131,8 +132,11 @@ def build_pipeline(ckpt_path: str, unet_config: dict, comfy_root: Path):
     tokenizer = CLIPTokenizer.from_pretrained(str(comfy_root / "comfy" / "sd1_tokenizer"), model_max_length=77)
 
     vae_sd = _tensors(ckpt_path, "first_stage_model.")
-    if abs(float(vae_sd.pop("vae_scale")) - 0.18215) > 1e-6 or float(vae_sd.pop("vae_shift")) != 0.0:
-        raise ValueError("expected a TAESD VAE with SD1's latent scale 0.18215 and no shift")
+    # ComfyUI decodes the model's latent z as decoder(z * vae_scale / 0.18215 - vae_shift * vae_scale): the tiny
+    # checkpoints' TAESD has scale 0.18215 and no shift (decoder(z)); the toy world's its own (docs/TOY_MODEL.md).
+    # The pipeline decodes z / scaling_factor, so scaling_factor = 0.18215 / vae_scale, and the shift goes in as a
+    # constant added to the decoder's input.
+    vae_scale, vae_shift = float(vae_sd.pop("vae_scale")), float(vae_sd.pop("vae_shift"))
     taesd = {}
     for k, v in vae_sd.items():
         part, idx, rest = k.split(".", 2)
@@ -142,8 +146,11 @@ def build_pipeline(ckpt_path: str, unet_config: dict, comfy_root: Path):
             taesd[f"decoder.layers.{int(idx) - 1}.{rest}"] = v
         else:
             raise KeyError(k)
-    vae = AutoencoderTiny(latent_channels=unet_config["in_channels"], scaling_factor=1.0)
+    vae = AutoencoderTiny(latent_channels=unet_config["in_channels"], scaling_factor=0.18215 / vae_scale)
     _load(vae, taesd, "TAESD VAE")
+    if vae_shift != 0.0:
+        offset = -vae_shift * vae_scale
+        vae.decoder.register_forward_pre_hook(lambda module, args: (args[0] + offset, *args[1:]))
 
     sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -181,7 +188,7 @@ def check_conversion(pipe, comfy_model, comfy_vae, prompt: str, comfy_cond, late
         # ComfyUI's TAESD.decode (before VAE Decode's clamp to [0, 1]) of a unit-variance scaled latent x
         taesd = comfy_vae.first_stage_model
         ref = taesd.decode((x / 0.18215).to(next(taesd.parameters()).dtype)).float()
-        got = pipe.vae.decode(x, return_dict=False)[0]
+        got = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]   # as the pipeline does
         errors["vae_decode"] = (got - ref).abs().max().item()
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
     if bad:
