@@ -10,14 +10,15 @@
 # Recipe and measurements: shared/design/host-setup.md. Environment knobs:
 #   Z2I_CACHE     cache folder (default ~/.cache/z2i)
 #   Z2I_PYTHON    interpreter for the venv (default python3.11, else python3)
-#   Z2I_MODELS    which tiny checkpoints to build (default sd15,sd2v,sdxl,sd3)
+#   Z2I_MODELS    which tiny checkpoints to build (default sd15,sd2v,sdxl,sd3,toy; toy = the trained toy-world
+#                 model, expanded from tools/toy_world/weights)
 #   Z2I_COMFYUI_SRC  also build a second host from a ComfyUI tarball or folder (step 6; tools/test-host.sh)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 cache="${Z2I_CACHE:-$HOME/.cache/z2i}"
-models="${Z2I_MODELS:-sd15,sd2v,sdxl,sd3}"
+models="${Z2I_MODELS:-sd15,sd2v,sdxl,sd3,toy}"
 mkdir -p "$cache"
 say() { printf '[z2i setup] %s\n' "$*" >&2; }
 
@@ -86,8 +87,9 @@ ckpt_cache="$cache/checkpoints-$ckey"
 IFS=',' read -r -a all_kinds <<<"$models"
 kinds=()
 want_sd3=0
+want_toy=0
 for k in "${all_kinds[@]}"; do
-  if [ "$k" = "sd3" ]; then want_sd3=1; else kinds+=("$k"); fi
+  if [ "$k" = "sd3" ]; then want_sd3=1; elif [ "$k" = "toy" ]; then want_toy=1; else kinds+=("$k"); fi
 done
 missing=()
 for k in "${kinds[@]}"; do
@@ -118,6 +120,25 @@ if [ "$want_sd3" = 1 ]; then
     [ "$old" = "$sd3_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
   done
   ln -sfn "$sd3_cache/z2i-tiny-sd3.safetensors" "$host/models/checkpoints/z2i-tiny-sd3.safetensors"
+fi
+
+# The toy-world model (issue 30): trained here, committed as low-rank factors + its VAE
+# (tools/toy_world/weights), expanded into a full SD1.5-topology checkpoint once (tools/toy_world/toy_model.py),
+# cached by a hash of the weights and of the code that builds it (its CLIP is the tiny checkpoints' seeded one).
+if [ "$want_toy" = 1 ]; then
+  tkey="$(cat tools/toy_world/weights/*.safetensors tools/toy_world/toy_model.py tools/toy_world/train_unet.py \
+          tools/make_tiny_checkpoints.py | sha256sum | cut -c1-16)"
+  toy_cache="$cache/toy-$tkey"
+  if [ ! -f "$toy_cache/z2i-toy-sd15.safetensors" ]; then
+    say "building the toy-world checkpoint into $toy_cache (under a minute)"
+    mkdir -p "$toy_cache"
+    PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/toy_world/toy_model.py build \
+      "$toy_cache/z2i-toy-sd15.safetensors" --comfyui "$host"
+  fi
+  for old in "$cache"/toy-*; do
+    [ "$old" = "$toy_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
+  done
+  ln -sfn "$toy_cache/z2i-toy-sd15.safetensors" "$host/models/checkpoints/z2i-toy-sd15.safetensors"
 fi
 
 # A tiny random ControlNet and GLIGEN matching the tiny SD1.5 UNet, for the composition tests

@@ -147,6 +147,29 @@ def sample_check(ckpt: Path, out_dir: Path, n: int = 100, seed: int = 0, steps: 
     return report
 
 
+def loss_figure(out: Path) -> None:
+    """The model card's training curves (from the JSON files the trainers wrote next to the weights)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    vae_steps, vae_mse, offset = [], [], 0
+    for name in ("vae_stage1.json", "vae_stage2.json", "vae_decoder.json"):
+        p = WEIGHTS / name
+        if p.exists():
+            curve = json.loads(p.read_text())["curve"]
+            vae_steps += [offset + c["step"] for c in curve]
+            vae_mse += [c["mse"] for c in curve]
+            offset = vae_steps[-1] + 1
+    axes[0].semilogy(vae_steps, vae_mse)
+    axes[0].set(title="VAE (TAESD): pixel MSE", xlabel="step (all stages)")
+    unet = json.loads((WEIGHTS / "unet.json").read_text())["curve"]
+    axes[1].plot([c["step"] for c in unet], [c["mse"] for c in unet])
+    axes[1].set(title="UNet: epsilon MSE (mean of 50 steps)", xlabel="step", ylim=(0, None))
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -160,9 +183,14 @@ def main() -> None:
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--cfg", type=float, default=5.0)
+    f = sub.add_parser("figure")
+    f.add_argument("out", type=Path)
     for p in (b, s):
         p.add_argument("--comfyui", default=None)
     args = ap.parse_args()
+    if args.cmd == "figure":
+        loss_figure(args.out)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from z2i.headless.host import find_host, import_comfy
     import_comfy(find_host(args.comfyui))
