@@ -51,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--comfyui", default=None)
+    ap.add_argument("--workflow", type=Path, default=WORKFLOW)
     args = ap.parse_args()
     out = args.out_dir.resolve()
     inputs = out / "input"
@@ -62,14 +63,14 @@ def main() -> None:
             "Z2I_EditDirection.source": TASK.source, "Z2I_EditDirection.target": TASK.target,
             "Z2I_EditDirection.source_sentences": "\n".join(world.sentence_bank(TASK.attribute, TASK.source, BANK)),
             "Z2I_EditDirection.target_sentences": "\n".join(world.sentence_bank(TASK.attribute, TASK.target, BANK))}
-    cmd = [sys.executable, "-m", "z2i.run", str(WORKFLOW), "--checkpoint", "z2i-toy-sd15.safetensors",
+    cmd = [sys.executable, "-m", "z2i.run", str(args.workflow), "--checkpoint", "z2i-toy-sd15.safetensors",
            "--input-dir", str(inputs), "--output-dir", str(out), "--quiet"]
     if args.comfyui:
         cmd += ["--comfyui", args.comfyui]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     subprocess.run(cmd, check=True, env=os.environ.copy())
-    edited = sorted(out.glob("z2i_pix2pix_zero*.png"), key=lambda p: p.stat().st_mtime)
+    edited = sorted(out.glob(f"{src_path.stem}_*.png"), key=lambda p: p.stat().st_mtime)   # the runner's names
     if not edited:
         raise SystemExit(f"the workflow wrote no image into {out}")
     src, edit = Image.open(src_path).convert("RGB"), Image.open(edited[-1]).convert("RGB")
