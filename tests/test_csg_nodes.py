@@ -54,14 +54,15 @@ def test_wrong_word_is_named(host, checkpoints):
 
 
 def test_token_level_without_cross_attention_is_named(host, checkpoints):
-    """The tiny SD1.5 has cross-attention down to 1/4 of the latent: at token_level 3 (1/8: 1x1 of the 8x8 latent)
-    the word map would be empty; the mask node says so after its first step, naming the input and the fix (the
-    toy-world model, whose coarsest level is 1/2, met this with the shipped workflows' level 2)."""
+    """The toy-world model (docs/TOY_MODEL.md) has cross-attention at 1/1 and 1/2 of the latent only: at the shipped
+    workflows' token_level 2 (2x2 of a 64 px image's 8x8 latent) the word map would be empty; the mask node says so
+    after its first step, naming the input and the fix. (The tiny SD1.5 has a middle-block transformer at 1x1, so
+    every level has maps there.)"""
     from z2i.headless.host import PromptFailed
-    p = graph(checkpoints["sd15"])
-    p["mask"]["inputs"]["token_level"] = 3
+    p = graph("z2i-toy-sd15.safetensors")
+    p["mask"]["inputs"]["token_level"] = 2
     with pytest.raises(PromptFailed, match=r"Z2I CSG Mask: input 'token_level': this model has no cross-attention "
-                                           r"layer at 1x1 or coarser.*lower token_level"):
+                                           r"layer at 2x2 or coarser.*lower token_level"):
         host.run_prompt(p, targets=["mask"])
 
 
