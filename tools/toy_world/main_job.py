@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--comfyui", default=None)
     ap.add_argument("--workflow", type=Path, default=WORKFLOW)
+    ap.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="more --set for the runner")
     args = ap.parse_args()
     out = args.out_dir.resolve()
     inputs = out / "input"
@@ -69,6 +70,8 @@ def main() -> None:
         cmd += ["--comfyui", args.comfyui]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
+    for item in args.set:
+        cmd += ["--set", item]
     subprocess.run(cmd, check=True, env=os.environ.copy())
     edited = sorted(out.glob(f"{src_path.stem}_*.png"), key=lambda p: p.stat().st_mtime)   # the runner's names
     if not edited:
