@@ -24,7 +24,8 @@ IGNORE = REPO / ".comfyignore"
 # sorted into one of the two (and .comfyignore told), never shipped by accident.
 SHIPPED_TOP = {"__init__.py", "nodes", "guidance", "attention_patches", "headless", "run.py", "workflows",
                "assets", "web", "README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml", "requirements.txt"}
-DEV_ONLY_TOP = {"tests", "tools", "docs", ".ci", ".github", "BENCHMARKS.md", ".gitignore", ".comfyignore"}
+DEV_ONLY_TOP = {"tests", "tools", "docs", ".ci", ".github", "BENCHMARKS.md", "EVALUATION.md", ".gitignore",
+                ".comfyignore"}
 REQUIRED = ["__init__.py", "nodes/__init__.py", "run.py", "README.md", "LICENSE", "pyproject.toml",
             "requirements.txt", "assets/z2i_example.png"]
 
