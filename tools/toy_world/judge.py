@@ -2,9 +2,9 @@
 the object's mask, position and size, read from an RGB image with no learned model.
 
 The world makes this possible: objects are saturated, backgrounds achromatic. The object is the largest
-connected region of saturated pixels; its colour the nearest palette hue of its mean; its shape from the region's
-extent (area over bounding box: square ~0.97, circle ~0.79, cross ~0.56, triangle ~0.5) and how its width grows
-from top to bottom (a triangle points up); the background from the pixels away from the object (plain: dark or
+connected region of saturated pixels; its colour the nearest palette hue of its mean; its shape from how its width
+grows from top to bottom (a triangle points up), how much of its bounding box's four corners it fills (a square
+~1, a circle ~0.1, a cross 0) and its extent (area over bounding box: circle ~0.79, cross ~0.56); the background from the pixels away from the object (plain: dark or
 light; striped: the column means alternate; horizon: the row means step). tests/test_toy_world.py holds it to
 ground-truth renders.
 
@@ -60,6 +60,19 @@ def _colour(pixels: np.ndarray) -> str:
     return min(PALETTE_HUES, key=lambda n: min(abs(h - PALETTE_HUES[n]), 1 - abs(h - PALETTE_HUES[n])))
 
 
+CORNER = 0.2                   # a corner patch: this fraction of the bounding box's height and width
+SQUARE_CORNERS = 0.4           # mean fill of the four corner patches above this: a square
+
+
+def corner_fill(box: np.ndarray) -> float:
+    """Mean fill of the four CORNER x CORNER patches of a bounding box's mask: a square fills them (~1, and still
+    ~0.5-0.9 drawn with concave or slanted sides, as the trained model draws many), a circle leaves ~90% empty."""
+    bh, bw = box.shape
+    ch, cw = max(1, round(CORNER * bh)), max(1, round(CORNER * bw))
+    return float(np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(),
+                          box[-ch:, -cw:].mean()]))
+
+
 def _shape(mask: np.ndarray) -> str:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
@@ -69,11 +82,13 @@ def _shape(mask: np.ndarray) -> str:
     width = lambda frac: box[min(bh - 1, int(frac * bh))].sum() / float(bw)  # noqa: E731
     if width(0.85) - width(0.15) > 0.3:        # narrow top, wide bottom: a triangle pointing up
         return "triangle"
+    # (the first version told circles from squares by the extent alone, square above 0.89: the model's squares with
+    # concave or slanted sides, extent 0.79-0.88, were read as circles; the corners tell them apart)
+    if corner_fill(box.astype(np.float64)) > SQUARE_CORNERS:
+        return "square"
     if extent < 0.68:
         return "cross"
-    if extent < 0.89:
-        return "circle"
-    return "square"
+    return "circle"
 
 
 def _background(img: np.ndarray, away: np.ndarray) -> str:
