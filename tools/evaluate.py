@@ -128,9 +128,12 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
     elif method == "pix2pix-zero":
         nodes = _p2pz("Z2I_Pix2PixZeroSampler",
                       {"xa_guidance": 0.1, "layers": "input,middle,output", "map_precision": "fp32"}, task, cap)
-    elif method == "pix2pix-zeroCon":
+    elif method == TOY_P2PZ:
+        nodes = _p2pz("Z2I_Pix2PixZeroSampler",
+                      {"xa_guidance": 0.001, "layers": "input,middle,output", "map_precision": "fp32"}, task, cap)
+    elif method in ("pix2pix-zeroCon", TOY_ZEROCON):
         nodes = _p2pz("Z2I_Pix2PixZeroConSampler",
-                      {"lambda_step": 0.1, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output",
+                      {"lambda_step": 0.1 if method == "pix2pix-zeroCon" else 0.001, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output",
                        "n_patches": 256, "tau": 0.07, "seed": 0, "layers": "input,middle,output"}, task, cap)
     elif method == "CSG":
         nodes = bw.csg_nodes(CKPT, "ddim_uniform", clamp_pull=False, prefix="eval")
@@ -153,8 +156,13 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
     return _api(nodes), "decode"
 
 
+# tuned for the toy world: the shipped step sizes (0.1, the papers') move this model's latent by ~10% of its norm
+# per step and destroy the image; 0.001 moves it ~0.1% (measured on the main job's source, EVALUATION.md)
+TOY_P2PZ = "pix2pix-zero (toy: xa 0.001)"
+TOY_ZEROCON = "pix2pix-zeroCon (toy: step 0.001)"
 METHODS = ("reconstruction", "prompt swap", "pix2pix-zero (no guidance)", "SDEdit 0.5", "SDEdit 0.75",
-           "diffusers pix2pix-zero", "pix2pix-zero", "pix2pix-zeroCon", "CSG", "AGG", "Asyrp (derived)")
+           "diffusers pix2pix-zero", "pix2pix-zero", TOY_P2PZ, "pix2pix-zeroCon", TOY_ZEROCON, "CSG", "AGG",
+           "Asyrp (derived)")
 BASELINES = {"reconstruction", "prompt swap", "pix2pix-zero (no guidance)", "SDEdit 0.5", "SDEdit 0.75",
              "diffusers pix2pix-zero"}
 
@@ -271,13 +279,16 @@ class Runner:
         return np.stack(out)
 
 
-def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=print):
+def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=print, captions: int = 0,
+             partial: Path | None = None):
+    """-> (results, grids, seconds). partial: a JSON file rewritten after every row (a long run cut short keeps the
+    rows it finished)."""
     runner = Runner(steps, host)
     results = {}
     grids = {}
     t_all = time.time()
     for task in tasks:
-        scenes = world.task_sources(task, n, seed)
+        scenes = world.task_sources(task, n, seed, captions)
         names = runner.images(task, scenes, task.name.replace(" ", "_"))
         groups = defaultdict(list)
         for i, s in enumerate(scenes):
@@ -306,6 +317,9 @@ def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=p
             times[method] = time.time() - t0
             shown[method] = images[:4]
             log(f"{task.name}: {method}: {summarise(per)['edit']:.0%} edited, {times[method]:.0f} s")
+            results[task.name] = {"rows": rows, "seconds": times}
+            if partial is not None:
+                partial.write_text(json.dumps(results, default=float))
         results[task.name] = {"rows": rows, "seconds": times}
         grids[task.name] = shown
     return results, grids, time.time() - t_all
@@ -372,6 +386,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--captions", type=int, default=4, help="caption combinations per task (0: random; sources "
+                    "that share a caption run as one batch)")
     ap.add_argument("--tasks", default=",".join(t.name for t in world.TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=REPO / "out" / "evaluation")
@@ -383,7 +399,8 @@ def main() -> None:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results, grids, secs = evaluate(args.n, args.steps, tasks, methods, args.seed)
+    results, grids, secs = evaluate(args.n, args.steps, tasks, methods, args.seed, captions=args.captions,
+                                    partial=args.out / "partial.json")
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
     grid_png(grids, grid)

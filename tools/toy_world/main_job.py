@@ -3,8 +3,10 @@ trained toy-world checkpoint, turns a red circle into a red square; writes befor
 judge sees in each.
 
 The workflow is workflows/z2i_pix2pix_zero.json as shipped, with only what a user swaps in before a run set on
-the command line (`--set`): the image (a rendered toy scene), the checkpoint, the caption, and the edit
-direction's words and sentences (the toy world's sentence banks, tools/toy_world/world.py).
+the command line (`--set`): the image (a rendered toy scene), the checkpoint, the caption, the edit direction's
+words and sentences (the toy world's sentence banks, tools/toy_world/world.py), and the cross-attention guidance
+step tuned for this model: the shipped 0.1 (the paper's, for SD1.5) moves the toy model's latent by about 10% of
+its norm per step and destroys the image; 0.001 moves it about 0.1% (EVALUATION.md, "What was tuned").
 
 Usage: python tools/toy_world/main_job.py OUT_DIR [--comfyui DIR]
 """
@@ -29,6 +31,7 @@ WORKFLOW = REPO / "workflows" / "z2i_pix2pix_zero.json"
 SOURCE = world.Scene("circle", "red", "black", cx=32.0, cy=34.0, half=14.0)
 TASK = world.TASKS[0]                     # object swap: circle -> square
 BANK = 100
+TOY_XA_GUIDANCE = 0.001                   # the toy model's step (the shipped workflow's 0.1 is SD1.5's)
 
 
 def describe(img: np.ndarray) -> str:
@@ -63,7 +66,8 @@ def main() -> None:
     sets = {"Source prompt (caption).text": caption,
             "Z2I_EditDirection.source": TASK.source, "Z2I_EditDirection.target": TASK.target,
             "Z2I_EditDirection.source_sentences": "\n".join(world.sentence_bank(TASK.attribute, TASK.source, BANK)),
-            "Z2I_EditDirection.target_sentences": "\n".join(world.sentence_bank(TASK.attribute, TASK.target, BANK))}
+            "Z2I_EditDirection.target_sentences": "\n".join(world.sentence_bank(TASK.attribute, TASK.target, BANK)),
+            "Z2I_Pix2PixZeroSampler.xa_guidance": str(TOY_XA_GUIDANCE)}
     cmd = [sys.executable, "-m", "z2i.run", str(args.workflow), "--checkpoint", "z2i-toy-sd15.safetensors",
            "--input-dir", str(inputs), "--output-dir", str(out), "--quiet"]
     if args.comfyui:

@@ -151,13 +151,21 @@ TASKS = (
 )
 
 
-def task_sources(task: Task, n: int, seed: int) -> list[Scene]:
-    """n held-out source scenes for a task (the attribute at its source value, the rest random)."""
+def task_sources(task: Task, n: int, seed: int, captions: int = 0) -> list[Scene]:
+    """n held-out source scenes for a task (the attribute at its source value, the rest random). captions > 0: the
+    two other attributes take only that many (random, distinct) combinations, in turn, so that sources share
+    captions and an evaluation can run them in batches (position and size stay random)."""
     rng = random.Random(f"{task.name}:{seed}")
     out = []
     while len(out) < n:
         s = sample_scene(rng)
         out.append(s.with_(**{task.attribute: task.source}))
+    if captions > 0:
+        others = [a for a in ("shape", "colour", "background") if a != task.attribute]
+        values = {"shape": SHAPES, "colour": tuple(COLOURS), "background": BACKGROUNDS}
+        combos = [(x, y) for x in values[others[0]] for y in values[others[1]]]
+        picked = random.Random(f"{task.name}:{seed}:captions").sample(combos, min(captions, len(combos)))
+        out = [s.with_(**dict(zip(others, picked[i % len(picked)]))) for i, s in enumerate(out)]
     return out
 
 
