@@ -110,8 +110,10 @@ def _workflow_nodes(name: str) -> list:
     return [tuple(n) for n in bw.WORKFLOWS[name]["nodes"]]
 
 
-def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], steps: int) -> tuple[dict, str]:
-    """The API prompt of one method on a batch of images (files in the input folder) -> (prompt, decode node id)."""
+def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], steps: int,
+          train: tuple | None = None) -> tuple[dict, str]:
+    """The API prompt of one method on a batch of images (files in the input folder) -> (prompt, decode node id).
+    train (Asyrp (trained) only): (training image names, their caption, its edited form)."""
     if method == "reconstruction":
         nodes = _set(_workflow_nodes("z2i_inversion_reconstruction"), "pos", text=cap)
     elif method == "prompt swap":
@@ -147,10 +149,24 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
         nodes = _set(_set(_workflow_nodes("z2i_agg"), "src", text=cap), "tgt", text=tgt)
     elif method == "Asyrp (derived)":
         nodes = _set(_set(_workflow_nodes("z2i_asyrp_derived"), "src", text=cap), "tgt", text=tgt)
+    elif method == "Asyrp (trained)":
+        # one direction per task, trained on its own images (one caption: the training node's inputs are the same
+        # for every batch, so ComfyUI's cache trains it once), with the toy-world CLIP (train_clip.py) for the
+        # directional loss; then applied to each batch like a saved direction
+        t_names, t_cap, t_tgt = train
+        nodes = [n[:3] for n in _set(_workflow_nodes("z2i_asyrp_trained"), "src", text=cap)]
+        nodes = _set(nodes, "clip_model", name=TOY_CLIP + ".safetensors", architecture="auto (config beside the weights)")
+        nodes = _set(nodes, "train", latent=("tencode", 0), positive=("tsrc", 0), source_text=t_cap,
+                     target_text=t_tgt)
+        nodes = [(f"t{k}", c, i) for k, c, i in _images(t_names)] + nodes + [
+            ("tsrc", "CLIPTextEncode", {"text": t_cap, "clip": ("ckpt", 1)}),
+            ("tencode", "VAEEncode", {"pixels": ("timage", 0), "vae": ("ckpt", 2)})]
+        nodes = [(k, c, {n: (("t" + v[0], v[1]) if k.startswith("t") and c == "ImageBatch" else v)
+                         for n, v in i.items()}) for k, c, i in nodes]
     else:
         raise KeyError(method)
     nodes = _set(nodes, "ckpt", ckpt_name=CKPT)
-    nodes = [n for n in nodes if n[1] not in ("SaveImage", "PreviewImage", "Z2I_SaveHDirection",
+    nodes = [n[:3] for n in nodes if n[1] not in ("SaveImage", "PreviewImage", "Z2I_SaveHDirection",
                                               "Z2I_SaveEditDirection")]
     nodes = _steps(_swap_image(nodes, names), steps)
     return _api(nodes), "decode"
@@ -162,7 +178,8 @@ TOY_P2PZ = "pix2pix-zero (toy: xa 0.001)"
 TOY_ZEROCON = "pix2pix-zeroCon (toy: step 0.001)"
 METHODS = ("reconstruction", "prompt swap", "pix2pix-zero (no guidance)", "SDEdit 0.5", "SDEdit 0.75",
            "diffusers pix2pix-zero", "pix2pix-zero", TOY_P2PZ, "pix2pix-zeroCon", TOY_ZEROCON, "CSG", "AGG",
-           "Asyrp (derived)")
+           "Asyrp (derived)", "Asyrp (trained)")
+TOY_CLIP = "z2i-toy-clip"     # tools/toy_world/train_clip.py, trained on first use into models/open_clip
 BASELINES = {"reconstruction", "prompt swap", "pix2pix-zero (no guidance)", "SDEdit 0.5", "SDEdit 0.75",
              "diffusers pix2pix-zero"}
 
@@ -237,11 +254,21 @@ class Runner:
             names.append(f"{self.SUBFOLDER}/{name}")
         return names
 
+    def training_set(self, task) -> tuple:
+        """Asyrp (trained): 8 training scenes of the task's source value with one caption, drawn apart from the
+        held-out sources (seed 1000), and the toy-world CLIP in the host's models/open_clip (trained on first use)."""
+        from toy_world import train_clip
+        train_clip.ensure(Path(self.host.folder_paths.get_folder_paths("open_clip")[0]))
+        scenes = world.task_sources(task, 8, 1000, captions=1)
+        names = self.images(task, scenes, task.name.replace(" ", "_") + "_train")
+        return names, world.caption(scenes[0]), world.caption(task.edited(scenes[0]))
+
     def run(self, method: str, task, cap: str, tgt: str, names: list[str]):
         """-> (uint8 images [B, H, W, 3], extra outputs)"""
         if method == "diffusers pix2pix-zero":
             return self.run_peer(task, cap, names), {}
-        prompt, out = graph(method, task, cap, tgt, names, self.steps)
+        train = self.training_set(task) if method == "Asyrp (trained)" else None
+        prompt, out = graph(method, task, cap, tgt, names, self.steps, train)
         targets = [out] + (["mask"] if method == "CSG" else [])
         res = self.host.run_prompt(prompt, targets=targets)
         imgs = (res.output(out, 0).clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
@@ -279,10 +306,29 @@ class Runner:
         return np.stack(out)
 
 
+def _strip(path: Path, images: list) -> None:
+    from PIL import Image
+    s = world.SIZE
+    out = Image.new("RGB", (4 * s, s), "white")
+    for i, im in enumerate(images[:4]):
+        if im is not None:
+            out.paste(Image.fromarray(im), (i * s, 0))
+    out.save(path)
+
+
+def _unstrip(path: Path) -> list:
+    from PIL import Image
+    a = np.asarray(Image.open(path).convert("RGB"))
+    return [a[:, i * world.SIZE:(i + 1) * world.SIZE] for i in range(a.shape[1] // world.SIZE)]
+
+
 def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=print, captions: int = 0,
-             partial: Path | None = None):
-    """-> (results, grids, seconds). partial: a JSON file rewritten after every row (a long run cut short keeps the
-    rows it finished)."""
+             partial: Path | None = None, peer_n: int = 0, resume: dict | None = None):
+    """-> (results, grids, seconds). partial: a JSON file rewritten after every row, with the first four sources'
+    images of each row beside it (partial.stem + "_shown/"), so a long run cut short keeps the rows it finished;
+    resume: such a file's results (same n, steps, seed, captions): its rows are kept, not rerun (their shown
+    images rerun on the four sources if missing). peer_n > 0: diffusers' pipeline (one image per call) on the
+    first peer_n sources only."""
     runner = Runner(steps, host)
     results = {}
     grids = {}
@@ -297,12 +343,35 @@ def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=p
         shown = {"source": [np.asarray(world.render(s)) for s in scenes[:4]],
                  "ground truth": [np.asarray(world.render(task.edited(s))) for s in scenes[:4]]}
         times = {}
+        shown_dir = None if partial is None else partial.parent / (partial.stem + "_shown")
+        if shown_dir is not None:
+            shown_dir.mkdir(parents=True, exist_ok=True)
         for method in methods:
             t0 = time.time()
             per = [None] * n
             mask_iou = []
             images = [None] * n
-            for cap, idx in groups.items():
+            done = (resume or {}).get(task.name, {})
+            strip = None if shown_dir is None else shown_dir / f"{task.name}__{method}.png".replace(" ", "_")
+            if method in done.get("rows", {}):
+                rows[method] = done["rows"][method]
+                if method + " mask" in done["rows"]:
+                    rows[method + " mask"] = done["rows"][method + " mask"]
+                times[method] = done["seconds"][method]
+                if strip is not None and strip.exists():
+                    shown[method] = _unstrip(strip)
+                    log(f"{task.name}: {method}: kept from the earlier run")
+                    continue
+                todo = {c: [i for i in idx if i < 4] for c, idx in groups.items()}     # the grid's four only
+            else:
+                todo = groups
+            for cap, idx in todo.items():
+                if not idx:
+                    continue
+                if method == "diffusers pix2pix-zero" and peer_n:       # one image per call: the slowest row
+                    idx = [i for i in idx if i < peer_n]
+                    if not idx:
+                        continue
                 tgt = world.caption(task.edited(scenes[idx[0]]))
                 imgs, extra = runner.run(method, task, cap, tgt, [names[i] for i in idx])
                 for j, i in enumerate(idx):
@@ -311,11 +380,16 @@ def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=p
                     if "mask" in extra:
                         m = extra["mask"]
                         mask_iou.append(csg_mask_iou(m[j if m.shape[0] > 1 else 0], scenes[i]))
+            shown[method] = images[:4]
+            if strip is not None:
+                _strip(strip, images[:4])
+            if method in done.get("rows", {}):
+                log(f"{task.name}: {method}: kept from the earlier run (grid images rerun)")
+                continue
             rows[method] = per
             if mask_iou:
                 rows[method + " mask"] = mask_iou
             times[method] = time.time() - t0
-            shown[method] = images[:4]
             log(f"{task.name}: {method}: {summarise(per)['edit']:.0%} edited, {times[method]:.0f} s")
             results[task.name] = {"rows": rows, "seconds": times}
             if partial is not None:
@@ -326,6 +400,8 @@ def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=p
 
 
 def summarise(per: list) -> dict:
+    per = [r for r in per if r is not None]        # sources a row did not run (diffusers' row with --peer-n)
+
     def mean(key):
         vals = [r[key] for r in per if key in r and not (isinstance(r[key], float) and math.isnan(r[key]))]
         return float(np.mean(vals)) if vals else float("nan")
@@ -365,14 +441,14 @@ def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> st
     for task, res in results.items():
         t = next(x for x in world.TASKS if x.name == task)
         lines += [f"### {task}: {t.source} -> {t.target}", "",
-                  "| row | edit | others kept | IoU with source | centre err (px) | size err | unedited err | "
-                  "seconds |", "|---|---|---|---|---|---|---|---|"]
+                  "| row | n | edit | others kept | IoU with source | centre err (px) | size err | unedited err | "
+                  "seconds |", "|---|---|---|---|---|---|---|---|---|"]
         for name, per in res["rows"].items():
             if name.endswith(" mask"):
                 continue
             s = summarise(per)
             secs = res["seconds"].get(name)
-            lines.append(f"| {name} | {s['edit']:.0%} | {s['kept']:.0%} | {s['iou_src']:.2f} | {s['centre']:.1f} | "
+            lines.append(f"| {name} | {s['n']} | {s['edit']:.0%} | {s['kept']:.0%} | {s['iou_src']:.2f} | {s['centre']:.1f} | "
                          f"{s['size']:.2f} | {s['unedited']:.1f} | {'' if secs is None else f'{secs:.0f}'} |")
         if "CSG mask" in res["rows"]:
             lines.append(f"\nCSG content mask IoU with the true object mask: "
@@ -386,6 +462,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", type=Path, default=None, help="a cut run's partial.json: its rows are kept")
+    ap.add_argument("--peer-n", type=int, default=0, help="diffusers' pipeline on the first N sources only (0: all)")
     ap.add_argument("--captions", type=int, default=4, help="caption combinations per task (0: random; sources "
                     "that share a caption run as one batch)")
     ap.add_argument("--tasks", default=",".join(t.name for t in world.TASKS))
@@ -400,7 +478,8 @@ def main() -> None:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     results, grids, secs = evaluate(args.n, args.steps, tasks, methods, args.seed, captions=args.captions,
-                                    partial=args.out / "partial.json")
+                                    partial=args.out / "partial.json", peer_n=args.peer_n,
+                                    resume=json.loads(args.resume.read_text()) if args.resume else None)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
     grid_png(grids, grid)
