@@ -323,12 +323,13 @@ def _unstrip(path: Path) -> list:
 
 
 def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=print, captions: int = 0,
-             partial: Path | None = None, peer_n: int = 0, resume: dict | None = None):
+             partial: Path | None = None, peer_n: int = 0, resume: dict | None = None,
+             few_rows: tuple = ("diffusers pix2pix-zero",)):
     """-> (results, grids, seconds). partial: a JSON file rewritten after every row, with the first four sources'
     images of each row beside it (partial.stem + "_shown/"), so a long run cut short keeps the rows it finished;
     resume: such a file's results (same n, steps, seed, captions): its rows are kept, not rerun (their shown
-    images rerun on the four sources if missing). peer_n > 0: diffusers' pipeline (one image per call) on the
-    first peer_n sources only."""
+    images rerun on the four sources if missing). peer_n > 0: the rows in few_rows (by default diffusers' pipeline,
+    one image per call) on the first peer_n sources only."""
     runner = Runner(steps, host)
     results = {}
     grids = {}
@@ -368,7 +369,7 @@ def evaluate(n: int, steps: int, tasks, methods, seed: int = 0, host=None, log=p
             for cap, idx in todo.items():
                 if not idx:
                     continue
-                if method == "diffusers pix2pix-zero" and peer_n:       # one image per call: the slowest row
+                if method in few_rows and peer_n:       # diffusers': one image per call, the slowest row
                     idx = [i for i in idx if i < peer_n]
                     if not idx:
                         continue
@@ -409,6 +410,12 @@ def summarise(per: list) -> dict:
             "centre": mean("centre"), "size": mean("size"), "unedited": mean("unedited"), "found": mean("found")}
 
 
+SHORT = {"ground truth": "truth", "reconstruction": "reconstruct", "pix2pix-zero (no guidance)": "direction",
+         "SDEdit 0.5": "SDEdit .5", "SDEdit 0.75": "SDEdit .75", "diffusers pix2pix-zero": "diffusers",
+         "pix2pix-zero": "p2pz", TOY_P2PZ: "p2pz toy", "pix2pix-zeroCon": "zeroCon", TOY_ZEROCON: "zeroCon toy",
+         "Asyrp (derived)": "Asyrp der.", "Asyrp (trained)": "Asyrp tr."}       # the grid's column labels
+
+
 def grid_png(grids: dict, path: Path) -> None:
     """One block per task: a column per method (source, ground truth, each method), four sources as rows."""
     from PIL import Image, ImageDraw
@@ -421,7 +428,7 @@ def grid_png(grids: dict, path: Path) -> None:
         d = ImageDraw.Draw(img)
         d.text((2, 0), task, fill="black")
         for c, name in enumerate(cols):
-            d.text((c * (s + pad), 12), name[:11], fill="black")
+            d.text((c * (s + pad), 12), SHORT.get(name, name)[:11], fill="black")
             for r, im in enumerate(shown[name]):
                 if im is not None:
                     img.paste(Image.fromarray(im), (c * (s + pad), label + 12 + r * (s + pad)))
@@ -432,7 +439,7 @@ def grid_png(grids: dict, path: Path) -> None:
     for b in blocks:
         out.paste(b, (0, y))
         y += b.height
-    out.save(path)
+    out.quantize(256).save(path, optimize=True)      # a palette keeps the committed PNG small
 
 
 def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> str:
@@ -457,20 +464,51 @@ def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> st
     return "\n".join(lines)
 
 
+def report(partials: list, args) -> None:
+    """Tables and grid from the partial.json files (and their _shown folders) of runs that split the tasks."""
+    results, grids, secs = {}, {}, 0.0
+    for p in partials:
+        part = json.loads(p.read_text())
+        for task_name, res in part.items():
+            task = next(t for t in world.TASKS if t.name == task_name)
+            scenes = world.task_sources(task, args.n, args.seed, args.captions)[:4]
+            shown = {"source": [np.asarray(world.render(s)) for s in scenes],
+                     "ground truth": [np.asarray(world.render(task.edited(s))) for s in scenes]}
+            for method in res["rows"]:
+                strip = p.parent / (p.stem + "_shown") / f"{task_name}__{method}.png".replace(" ", "_")
+                if strip.exists():
+                    shown[method] = _unstrip(strip)
+            results[task_name], grids[task_name] = res, shown
+            secs += sum(res["seconds"].values())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
+    grid_png(grids, grid)
+    md = markdown(results, args.n, args.steps, secs, "docs/evaluation.png" if args.write else "evaluation.png")
+    (args.out / "tables.md").write_text(md)
+    print(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", type=Path, default=None, help="a cut run's partial.json: its rows are kept")
-    ap.add_argument("--peer-n", type=int, default=0, help="diffusers' pipeline on the first N sources only (0: all)")
+    ap.add_argument("--peer-n", type=int, default=0, help="the --few-rows on the first N sources only (0: all)")
+    ap.add_argument("--few-rows", default="diffusers pix2pix-zero", help="rows --peer-n applies to (comma-separated)")
     ap.add_argument("--captions", type=int, default=4, help="caption combinations per task (0: random; sources "
                     "that share a caption run as one batch)")
     ap.add_argument("--tasks", default=",".join(t.name for t in world.TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=REPO / "out" / "evaluation")
     ap.add_argument("--write", action="store_true", help="write EVALUATION.md's tables and docs/evaluation.png")
+    ap.add_argument("--report", type=Path, nargs="+", default=None, metavar="PARTIAL_JSON",
+                    help="run nothing: merge these runs' partial.json files (tasks split over runs) into one report")
     args = ap.parse_args()
+    if args.report:
+        report(args.report, args)
+        return
     tasks = [t for t in world.TASKS if t.name in args.tasks.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -479,6 +517,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results, grids, secs = evaluate(args.n, args.steps, tasks, methods, args.seed, captions=args.captions,
                                     partial=args.out / "partial.json", peer_n=args.peer_n,
+                                    few_rows=tuple(m.strip() for m in args.few_rows.split(",")),
                                     resume=json.loads(args.resume.read_text()) if args.resume else None)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
