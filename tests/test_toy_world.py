@@ -136,16 +136,24 @@ def test_toy_model_generates_the_world(host):
 
 @pytest.mark.host
 @pytest.mark.slow
-def test_evaluation_harness_end_to_end(host):
-    """tools/evaluate.py's graphs, judge and metrics on two sources of the object swap at 8 steps: the
+def test_evaluation_harness_end_to_end(host, monkeypatch):
+    """tools/evaluate.py's graphs, judge and metrics on two sources of the object swap at 10 steps: the
     reconstruction keeps the source (found, the same shape, colour and background, small pixel error) and is
-    scored as no edit; every row has a score per source; the ground truth scores a full edit."""
+    scored as no edit; pix2pix-zero at the toy world's guidance step edits: the circles judged squares, colour,
+    background and layout kept (the first test in which an edit happens); every row has a score per source; the
+    ground truth scores a full edit."""
     import evaluate
+    monkeypatch.setattr(evaluate, "BANK", 20)     # edit-direction sentences per side (shipped 100): CLIP time
     task = TASKS[0]
-    results, grids, _ = evaluate.evaluate(2, 8, [task], ["reconstruction", "prompt swap"], host=host,
-                                          log=lambda *a: None)
+    results, grids, _ = evaluate.evaluate(2, 10, [task], ["reconstruction", "prompt swap", evaluate.TOY_P2PZ],
+                                          host=host, log=lambda *a: None, captions=1)
     rows = results[task.name]["rows"]
-    assert set(rows) == {"ground truth", "reconstruction", "prompt swap"}
+    assert set(rows) == {"ground truth", "reconstruction", "prompt swap", evaluate.TOY_P2PZ}
+    # measured: both edited, IoU with the source 0.68 / 0.78, 0.5 / 0.5 grey levels outside the object; one of
+    # the two may flip on another CPU's rounding, none may lose the colour, background or layout
+    p2pz = rows[evaluate.TOY_P2PZ]
+    assert sum(r["edit"] for r in p2pz) >= 1 and all(r["kept"] for r in p2pz), p2pz
+    assert all(r["iou_src"] > 0.5 and r["unedited"] < 5 for r in p2pz), p2pz
     assert all(len(v) == 2 for v in rows.values())
     gt, rec = evaluate.summarise(rows["ground truth"]), evaluate.summarise(rows["reconstruction"])
     assert gt["edit"] == 1.0 and gt["kept"] == 1.0
