@@ -135,7 +135,8 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
                       {"xa_guidance": 0.001, "layers": "input,middle,output", "map_precision": "fp32"}, task, cap)
     elif method in ("pix2pix-zeroCon", TOY_ZEROCON):
         nodes = _p2pz("Z2I_Pix2PixZeroConSampler",
-                      {"lambda_step": 0.1 if method == "pix2pix-zeroCon" else 0.001, "lambda_c": 1.0, "lambda_e": 0.5, "feature_layers": "output",
+                      {"lambda_step": 0.1 if method == "pix2pix-zeroCon" else 0.001, "lambda_c": 1.0,
+                       "lambda_e": 0.5, "feature_layers": "output",
                        "n_patches": 256, "tau": 0.07, "seed": 0, "layers": "input,middle,output"}, task, cap)
     elif method == "CSG":
         nodes = bw.csg_nodes(CKPT, "ddim_uniform", clamp_pull=False, prefix="eval")
@@ -155,7 +156,8 @@ def graph(method: str, task: world.Task, cap: str, tgt: str, names: list[str], s
         # directional loss; then applied to each batch like a saved direction
         t_names, t_cap, t_tgt = train
         nodes = [n[:3] for n in _set(_workflow_nodes("z2i_asyrp_trained"), "src", text=cap)]
-        nodes = _set(nodes, "clip_model", name=TOY_CLIP + ".safetensors", architecture="auto (config beside the weights)")
+        nodes = _set(nodes, "clip_model", name=TOY_CLIP + ".safetensors",
+                     architecture="auto (config beside the weights)")
         nodes = _set(nodes, "train", latent=("tencode", 0), positive=("tsrc", 0), source_text=t_cap,
                      target_text=t_tgt)
         nodes = [(f"t{k}", c, i) for k, c, i in _images(t_names)] + nodes + [
@@ -455,7 +457,8 @@ def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> st
                 continue
             s = summarise(per)
             secs = res["seconds"].get(name)
-            lines.append(f"| {name} | {s['n']} | {s['edit']:.0%} | {s['kept']:.0%} | {s['iou_src']:.2f} | {s['centre']:.1f} | "
+            lines.append(f"| {name} | {s['n']} | {s['edit']:.0%} | {s['kept']:.0%} | {s['iou_src']:.2f} | "
+                         f"{s['centre']:.1f} | "
                          f"{s['size']:.2f} | {s['unedited']:.1f} | {'' if secs is None else f'{secs:.0f}'} |")
         if "CSG mask" in res["rows"]:
             lines.append(f"\nCSG content mask IoU with the true object mask: "

@@ -4,7 +4,8 @@ the object's mask, position and size, read from an RGB image with no learned mod
 The world makes this possible: objects are saturated, backgrounds achromatic. The object is the largest
 connected region of saturated pixels; its colour the nearest palette hue of its mean; its shape from how its width
 grows from top to bottom (a triangle points up), how much of its bounding box's four corners it fills (a square
-~1, a circle ~0.1, a cross 0) and its extent (area over bounding box: circle ~0.79, cross ~0.56); the background from the pixels away from the object (plain: dark or
+~1, a circle ~0.1, a cross 0) and its extent (area over bounding box: circle ~0.79, cross ~0.56); the background
+from the pixels away from the object (plain: dark or
 light; striped: the column means alternate; horizon: the row means step). tests/test_toy_world.py holds it to
 ground-truth renders.
 

@@ -32,7 +32,8 @@ SD15_SCALE = 0.18215           # ComfyUI's SD1.5 latent format multiplies by thi
 
 def to_tensor(images) -> torch.Tensor:
     """PIL images -> [B, 3, H, W] in 0..1."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+    return x.permute(0, 3, 1, 2).float() / 255
 
 
 def init_(module: torch.nn.Module, seed: int) -> None:
@@ -137,7 +138,8 @@ def main() -> None:
     sd = {k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}
     comfy.utils.save_torch_file(sd, str(args.out))
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"init": None if args.init is None else args.init.name, "decoder_only": args.decoder_only, "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "threads": args.threads,
+        {"init": None if args.init is None else args.init.name, "decoder_only": args.decoder_only,
+         "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "threads": args.threads,
          "seconds": round(secs), "latent_mean": mean, "latent_std": std, "reconstruction": report,
          "curve": curve}, indent=1))
 
