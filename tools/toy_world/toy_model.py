@@ -148,7 +148,10 @@ def sample_check(ckpt: Path, out_dir: Path, n: int = 100, seed: int = 0, steps: 
 
 
 def loss_figure(out: Path) -> None:
-    """The model card's training curves (from the JSON files the trainers wrote next to the weights)."""
+    """The model card's training curves (from the JSON files the trainers wrote next to the weights). matplotlib is
+    a benchmark-only dependency: installed into the benchmark's own folder on first use."""
+    import peer_pix2pix_zero
+    peer_pix2pix_zero.ensure_bench_deps()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
