@@ -120,8 +120,8 @@ def _toy_path(host):
 def test_toy_model_generates_the_world(host):
     """Plain text-to-image on the trained toy model, through ComfyUI's loader and sampler (DDIM, 20 steps, cfg 5):
     the judge finds the captioned colour and background in every one of 16 seeded samples and all three
-    attributes in most (docs/TOY_MODEL.md: 100 samples at 30 steps, colour 100, background 100, all three 85; these
-    16 measured: colour 16, background 16, shape 12; the bound leaves two for other CPUs' rounding). A random or
+    attributes in most (docs/TOY_MODEL.md: 100 samples at 30 steps, colour 100, background 100, all three 96; these
+    16 measured: colour 16, background 16, shape 15; the bound leaves two for other CPUs' rounding). A random or
     mis-scaled model fails both (the VAE's latents off by 30x gave blobs)."""
     from toy_world.toy_model import generate, load
     model, clip, vae = load(_toy_path(host))
@@ -131,7 +131,7 @@ def test_toy_model_generates_the_world(host):
     assert all(v.found and (v.colour, v.background) == (s.colour, s.background) for s, v in zip(wanted, verdicts)), \
         [(caption(s), v.colour, v.background) for s, v in zip(wanted, verdicts)]
     right = [v.shape == s.shape for s, v in zip(wanted, verdicts)]
-    assert sum(right) >= 10, [(caption(s), v.shape) for s, v in zip(wanted, verdicts)]
+    assert sum(right) >= 13, [(caption(s), v.shape) for s, v in zip(wanted, verdicts)]
 
 
 @pytest.mark.host
