@@ -468,21 +468,25 @@ def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> st
 
 
 def report(partials: list, args) -> None:
-    """Tables and grid from the partial.json files (and their _shown folders) of runs that split the tasks."""
+    """Tables and grid from the partial.json files (and their _shown folders) of runs that split the tasks or the
+    rows (a row in a later file replaces the same row of an earlier one)."""
     results, grids, secs = {}, {}, 0.0
     for p in partials:
         part = json.loads(p.read_text())
         for task_name, res in part.items():
             task = next(t for t in world.TASKS if t.name == task_name)
-            scenes = world.task_sources(task, args.n, args.seed, args.captions)[:4]
-            shown = {"source": [np.asarray(world.render(s)) for s in scenes],
-                     "ground truth": [np.asarray(world.render(task.edited(s))) for s in scenes]}
+            if task_name not in results:
+                scenes = world.task_sources(task, args.n, args.seed, args.captions)[:4]
+                results[task_name] = {"rows": {}, "seconds": {}}
+                grids[task_name] = {"source": [np.asarray(world.render(s)) for s in scenes],
+                                    "ground truth": [np.asarray(world.render(task.edited(s))) for s in scenes]}
             for method in res["rows"]:
+                results[task_name]["rows"][method] = res["rows"][method]
                 strip = p.parent / (p.stem + "_shown") / f"{task_name}__{method}.png".replace(" ", "_")
                 if strip.exists():
-                    shown[method] = _unstrip(strip)
-            results[task_name], grids[task_name] = res, shown
-            secs += sum(res["seconds"].values())
+                    grids[task_name][method] = _unstrip(strip)
+            results[task_name]["seconds"].update(res["seconds"])
+    secs = sum(sum(r["seconds"].values()) for r in results.values())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
