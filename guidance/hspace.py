@@ -146,7 +146,7 @@ def check_file_header(shapes: dict, metadata: Optional[dict]) -> dict:
         if unknown or "channels" not in config:
             raise ValueError(f"{what}'s config has the keys {sorted(config)}"
                              + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else "")
-                             + f", expected channels and optionally hidden, temb_dim")
+                             + ", expected channels and optionally hidden, temb_dim")
         for key, value in config.items():
             if not _int_in(value, 1, IMPLICIT_CONFIG[key]):
                 raise ValueError(f"{what}'s config declares {key} = {value!r}, expected an integer 1.."
