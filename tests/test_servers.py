@@ -108,6 +108,7 @@ def test_auth_comes_from_the_environment_only(monkeypatch):
 # -- against real ComfyUI servers (0.3.75 with this pack and the tiny SD1.5) ---------------------------------------
 WORKFLOW = REPO / "workflows" / "z2i_ddim_img2img.json"
 STEPS = 6           # a server holds each job for a second or more (it must be killed while it does)
+SLOW_STEPS = 12     # the jobs a Ctrl-C must find running (twice as long: seconds after the first is done)
 
 
 def _sources(folder: Path, n: int) -> list[Path]:
@@ -212,6 +213,13 @@ def test_batch_preflight_validation_and_resume(two_servers, tmp_path):
     assert [e["status"] for e in entries] == ["invalid"] and "denoise" in entries[0]["error"], entries
     (out / "manifest.jsonl").unlink()
 
+    # the Ctrl-C must land while jobs run: the first job is short, the other three long (SLOW_STEPS), so the
+    # first manifest line comes seconds before any other (with four equal jobs an idle machine finished them all
+    # between the poll and the signal)
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("image,BasicScheduler.steps\n" + "".join(
+        f"{p.name},{STEPS if i == 0 else SLOW_STEPS}\n" for i, p in enumerate(images)))
+    base += ["--jobs", str(jobs)]
     proc = _client(["--server", a.url, "--server", b.url, "--depth", "1", *base])
     deadline = time.time() + 300
     while time.time() < deadline and not _manifest(out):
@@ -220,7 +228,8 @@ def test_batch_preflight_validation_and_resume(two_servers, tmp_path):
     rc, log = _finish(proc)
     assert rc == 130, log
     first = _manifest(out)
-    assert first and all(e["status"] == "done" and all((out / o).exists() for o in e["outputs"]) for e in first)
+    assert 0 < len(first) < 4, first
+    assert all(e["status"] == "done" and all((out / o).exists() for o in e["outputs"]) for e in first)
     for s in (a, b):
         q = s.get_json("/queue")
         assert not q["queue_pending"], q
