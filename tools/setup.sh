@@ -21,6 +21,17 @@ cache="${Z2I_CACHE:-$HOME/.cache/z2i}"
 models="${Z2I_MODELS:-sd15,sd2v,sdxl,sd3,toy}"
 mkdir -p "$cache"
 say() { printf '[z2i setup] %s\n' "$*" >&2; }
+# Builds cached under "$cache/<prefix>-<key>": keep the one this clone uses and the one used most recently before
+# it (another clone at another commit still links to it), drop older ones (the tiny checkpoints are 2-3 GB each).
+prune_builds() {
+  local prefix="$1" current="$2" n=0 old
+  [ ! -d "$current" ] || touch "$current"
+  for old in $(ls -1dt "$cache/$prefix"-* 2>/dev/null); do
+    [ -d "$old" ] || continue
+    n=$((n + 1))
+    [ "$old" = "$current" ] || [ "$n" -le 2 ] || rm -rf "$old"
+  done
+}
 
 # -- 1. virtualenv -------------------------------------------------------------------------------------------
 py="${Z2I_PYTHON:-}"
@@ -101,10 +112,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_checkpoints.py \
     "$ckpt_cache" --only "$list" --comfyui "$host"
 fi
-# checkpoints of older builder versions are 2-3 GB each: drop them
-for old in "$cache"/checkpoints-*; do
-  [ "$old" = "$ckpt_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
-done
+prune_builds checkpoints "$ckpt_cache"
 for k in "${kinds[@]}"; do
   ln -sfn "$ckpt_cache/z2i-tiny-$k.safetensors" "$host/models/checkpoints/z2i-tiny-$k.safetensors"
 done
@@ -116,9 +124,7 @@ if [ "$want_sd3" = 1 ]; then
     say "building the tiny SD3 checkpoint into $sd3_cache (about a minute)"
     PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/make_tiny_sd3.py "$sd3_cache" --comfyui "$host"
   fi
-  for old in "$cache"/sd3-*; do
-    [ "$old" = "$sd3_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
-  done
+  prune_builds sd3 "$sd3_cache"
   ln -sfn "$sd3_cache/z2i-tiny-sd3.safetensors" "$host/models/checkpoints/z2i-tiny-sd3.safetensors"
 fi
 
@@ -135,9 +141,7 @@ if [ "$want_toy" = 1 ]; then
     PYTHONPATH="$repo/.host/pythonpath" HF_HUB_OFFLINE=1 "$python" tools/toy_world/toy_model.py build \
       "$toy_cache/z2i-toy-sd15.safetensors" --comfyui "$host"
   fi
-  for old in "$cache"/toy-*; do
-    [ "$old" = "$toy_cache" ] || [ ! -d "$old" ] || rm -rf "$old"
-  done
+  prune_builds toy "$toy_cache"
   ln -sfn "$toy_cache/z2i-toy-sd15.safetensors" "$host/models/checkpoints/z2i-toy-sd15.safetensors"
 fi
 
