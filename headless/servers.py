@@ -322,6 +322,7 @@ class Batch:
         self.servers = [Server(u.rstrip("/")) for u in urls]
         self.apply_sets, self.depth, self.job_timeout = apply_sets, depth, job_timeout
         self.retries, self.max_attempts, self.say = retries, max_attempts, say
+        self.poll_s = 2.0                   # how often a waiting job polls /history and /queue (see _wait)
         self.show_progress = progress
         self.workflow_hash = workflow_hash
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -429,7 +430,7 @@ class Batch:
         misses = 0
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), timeout=2.0)
+                return await asyncio.wait_for(asyncio.shield(fut), timeout=self.poll_s)
             except asyncio.TimeoutError:
                 pass
             if not server.alive:                # another of its jobs found it gone

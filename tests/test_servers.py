@@ -283,3 +283,145 @@ def test_batch_across_two_servers_survives_a_killed_server(two_servers, tmp_path
         assert np.array_equal(got, want), (image.name, int(np.abs(got - want).max()))
     rc, log = _finish(_client(args))
     assert rc == 0 and "0 run" in log and len(_manifest(out)) == 6, log
+
+
+# -- faults, against fake servers that speak ComfyUI's API (no ComfyUI: what a hung or restarted server does is
+# hard to make a real one do on cue) ---------------------------------------------------------------------------------
+FAULT_PROMPT = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+}
+
+
+def _fake_server(mode: str, log: list):
+    """An aiohttp app answering the endpoints the server mode uses. mode 'ok' finishes each prompt at once (a
+    websocket event, /history with one output image, /view its bytes); 'hang' keeps every prompt running forever;
+    'restart' forgets every prompt as soon as it is queued (what a restarted ComfyUI's /queue and /history show).
+    log gets (mode, method, path, body) for the requests that change state."""
+    from aiohttp import web
+    history, running, sockets = {}, [], {}
+
+    async def system_stats(_):
+        return web.json_response({"system": {}})
+
+    async def object_info(_):
+        return web.json_response({"LoadImage": {"input": {"required": {"image": [["x.png"], {}]}}},
+                                  "SaveImage": {"input": {"required": {"images": ["IMAGE"],
+                                                                       "filename_prefix": ["STRING", {}]}}}})
+
+    async def version(_):
+        return web.json_response({"version": servers.pack_version()})
+
+    async def upload(request):
+        form = await request.post()
+        return web.json_response({"name": form["image"].filename, "subfolder": form.get("subfolder", "")})
+
+    async def prompt(request):
+        body = await request.json()
+        pid, prefix = body["prompt_id"], body["prompt"]["2"]["inputs"]["filename_prefix"]
+        log.append((mode, "POST", "/prompt", pid))
+        if mode == "ok":
+            history[pid] = {"status": {"completed": True, "status_str": "success"},
+                            "outputs": {"2": {"images": [{"filename": prefix.split("/")[-1] + "_00001_.png",
+                                                          "subfolder": "", "type": "output"}]}}}
+            ws = sockets.get(body["client_id"])
+            if ws is not None:
+                await ws.send_json({"type": "execution_success", "data": {"prompt_id": pid}})
+        elif mode == "hang":
+            running.append(pid)
+        return web.json_response({"prompt_id": pid, "number": 0, "node_errors": {}})
+
+    async def get_history(request):
+        pid = request.match_info["pid"]
+        return web.json_response({pid: history[pid]} if pid in history else {})
+
+    async def get_queue(_):
+        return web.json_response({"queue_running": [[0, p, {}, {}, []] for p in running], "queue_pending": []})
+
+    async def post_queue(request):
+        log.append((mode, "POST", "/queue", await request.json()))
+        return web.Response()
+
+    async def interrupt(request):
+        log.append((mode, "POST", "/interrupt", await request.json()))
+        return web.Response()
+
+    async def view(request):
+        return web.Response(body=b"\x89PNG fake " + request.query["filename"].encode())
+
+    async def ws_handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        sockets[request.query.get("clientId")] = ws
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/system_stats", system_stats)
+    app.router.add_get("/object_info", object_info)
+    app.router.add_get(f"/extensions/{servers.PACK}/z2i-version.json", version)
+    app.router.add_post("/upload/image", upload)
+    app.router.add_post("/prompt", prompt)
+    app.router.add_get("/history/{pid}", get_history)
+    app.router.add_get("/queue", get_queue)
+    app.router.add_post("/queue", post_queue)
+    app.router.add_post("/interrupt", interrupt)
+    app.router.add_get("/view", view)
+    app.router.add_get("/ws", ws_handler)
+    return app
+
+
+def _run_against_fakes(modes: list[str], tmp_path: Path, n_images: int, **batch_kw):
+    """Run a Batch over n_images against one fake server per mode (depth 1); -> (rc, log, said, out folder)."""
+    import asyncio
+
+    from aiohttp import web
+    from PIL import Image
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(n_images):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(src / f"img{i}.png")
+    jobs = servers.read_jobs(None, src, IMAGE_SUFFIXES)
+    servers.identify(jobs, "wf")
+    log, said, out = [], [], tmp_path / "out"
+
+    async def main():
+        runners, urls = [], []
+        for mode in modes:
+            runner = web.AppRunner(_fake_server(mode, log))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            runners.append(runner)
+            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        try:
+            batch = servers.Batch(FAULT_PROMPT, jobs, urls, out, apply_sets, depth=1, progress=False,
+                                  say=said.append, workflow_hash="wf", **batch_kw)
+            batch.poll_s = 0.2
+            return await asyncio.wait_for(batch.run(), timeout=60), urls
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+    rc, urls = asyncio.run(main())
+    return rc, log, said, out, urls
+
+
+@pytest.mark.parametrize("fault", ["hang", "restart"])
+def test_a_hung_or_restarted_server_has_its_job_run_elsewhere(fault, tmp_path):
+    """A server that keeps a prompt running past --job-timeout (the prompt is deleted and interrupted there) or
+    that forgets it (a restart: neither /queue nor /history has it) is declared gone, and its job runs on the
+    other server: every job done once, on the healthy server, its output written."""
+    rc, log, said, out, urls = _run_against_fakes([fault, "ok"], tmp_path, 3, job_timeout=1.0)
+    assert rc == 0, said
+    entries = _manifest(out)
+    assert sorted(e["status"] for e in entries) == ["done"] * 3 and len({e["job"] for e in entries}) == 3, entries
+    assert all(e["server"] == urls[1] for e in entries), entries
+    assert len(list(out.glob("*.png"))) == 3
+    sent = [x[3] for x in log if x[:3] == (fault, "POST", "/prompt")]
+    assert len(sent) == 1, log                              # the faulty server got one job, then no more
+    reason = "ran past --job-timeout" if fault == "hang" else "lost the prompt (restarted?)"
+    assert any(reason in s and "re-queueing" in s for s in said), said
+    if fault == "hang":                                     # the hung prompt is deleted and interrupted there
+        assert (fault, "POST", "/queue", {"delete": sent}) in log, log
+        assert (fault, "POST", "/interrupt", {"prompt_id": sent[0]}) in log, log
