@@ -467,6 +467,16 @@ def markdown(results: dict, n: int, steps: int, seconds: float, grid: str) -> st
     return "\n".join(lines)
 
 
+def write_outputs(results: dict, grids: dict, secs: float, args) -> None:
+    """results.json, the grid (docs/evaluation.png with --write) and the tables (tables.md, printed)."""
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
+    grid_png(grids, grid)
+    md = markdown(results, args.n, args.steps, secs, "docs/evaluation.png" if args.write else "evaluation.png")
+    (args.out / "tables.md").write_text(md)
+    print(md)
+
+
 def report(partials: list, args) -> None:
     """Tables and grid from the partial.json files (and their _shown folders) of runs that split the tasks or the
     rows (a row in a later file replaces the same row of an earlier one)."""
@@ -488,12 +498,7 @@ def report(partials: list, args) -> None:
             results[task_name]["seconds"].update(res["seconds"])
     secs = sum(sum(r["seconds"].values()) for r in results.values())
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
-    grid_png(grids, grid)
-    md = markdown(results, args.n, args.steps, secs, "docs/evaluation.png" if args.write else "evaluation.png")
-    (args.out / "tables.md").write_text(md)
-    print(md)
+    write_outputs(results, grids, secs, args)
 
 
 def main() -> None:
@@ -526,12 +531,7 @@ def main() -> None:
                                     partial=args.out / "partial.json", peer_n=args.peer_n,
                                     few_rows=tuple(m.strip() for m in args.few_rows.split(",")),
                                     resume=json.loads(args.resume.read_text()) if args.resume else None)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    grid = (REPO / "docs" / "evaluation.png") if args.write else args.out / "evaluation.png"
-    grid_png(grids, grid)
-    md = markdown(results, args.n, args.steps, secs, "docs/evaluation.png" if args.write else "evaluation.png")
-    (args.out / "tables.md").write_text(md)
-    print(md)
+    write_outputs(results, grids, secs, args)
 
 
 if __name__ == "__main__":
