@@ -26,11 +26,11 @@ say() { printf '[z2i setup] %s\n' "$*" >&2; }
 prune_builds() {
   local prefix="$1" current="$2" n=0 old
   [ ! -d "$current" ] || touch "$current"
-  for old in $(ls -1dt "$cache/$prefix"-* 2>/dev/null); do
+  while IFS= read -r old; do            # newest first
     [ -d "$old" ] || continue
     n=$((n + 1))
     [ "$old" = "$current" ] || [ "$n" -le 2 ] || rm -rf "$old"
-  done
+  done < <(ls -1dt "$cache/$prefix"-* 2>/dev/null)
 }
 
 # -- 1. virtualenv -------------------------------------------------------------------------------------------
